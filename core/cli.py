@@ -1,0 +1,148 @@
+"""The `miadpo` command line: one entry point, one subcommand per job.
+
+Heavy imports (torch, transformers, PIL pipelines) happen inside the subcommands, so `miadpo --help`
+is instant and the API process does not pay for what it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from core.errors import MiadpoError
+from core.settings import get_settings
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from workers.sample_data import write_sample_data
+
+    path = write_sample_data(Path(args.dir), num_samples=args.num, seed=args.seed)
+    print(f"wrote {args.num} samples: {path}")
+    return 0
+
+
+def ingest_local(dataset: Path, quiet: bool = False) -> tuple[object, str, object]:
+    """Ingest a local dataset into the store under the data dir; return (store, dataset_id, manifest)."""
+    from core.store import ArtifactStore
+    from workers.ingest import IngestLimits, ingest
+
+    settings = get_settings()
+    store = ArtifactStore(settings.data_dir)
+    dataset_id = "local-" + hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+    manifest = ingest(dataset, store, dataset_id, limits=IngestLimits.from_settings(settings))
+    if not quiet:
+        print(
+            f"ingested {dataset}: {manifest.num_samples} samples, {manifest.num_images} images, "
+            f"{len(manifest.problems)} problems"
+        )
+        for p in manifest.problems[:10]:
+            print(f"  row {p.row} id={p.id}: {p.code}: {p.reason}")
+        if len(manifest.problems) > 10:
+            print(f"  ... {len(manifest.problems) - 10} more")
+    return store, dataset_id, manifest
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from core.dataset import read_samples
+    from workers.augment import AugmentMix, make_recipes
+    from workers.render import encode_png, open_image, render_recipe
+
+    store, dataset_id, _ = ingest_local(Path(args.dataset))
+    samples = read_samples(store, dataset_id)  # type: ignore[arg-type]
+    mix = AugmentMix().only(_csv(args.formats))
+    recipes = make_recipes(samples, num=args.num, seed=args.seed, mix=mix)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    def load(ref: str):
+        return open_image(store.image_path(ref))  # type: ignore[attr-defined]
+
+    started = time.perf_counter()
+    with open(out / "prompts.jsonl", "w", encoding="utf-8") as fh:
+        for recipe in recipes:
+            names = []
+            for j, img in enumerate(render_recipe(recipe, load)):
+                name = f"images/{recipe.uid}_{j}.png"
+                (out / name).write_bytes(encode_png(img))
+                names.append(name)
+            row = {
+                "uid": recipe.uid,
+                "format": recipe.format,
+                "n_images": recipe.n_images,
+                "target_index": recipe.target_index,
+                "sample_id": recipe.sample_id,
+                "source_ids": [im.sample_id for im in recipe.images],
+                "prompt": recipe.prompt,
+                "answer": recipe.answer,
+                "images": names,
+                "seed": recipe.seed,
+            }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elapsed = time.perf_counter() - started
+    counts: dict[str, int] = {}
+    for r in recipes:
+        counts[f"{r.format}/{r.n_images}"] = counts.get(f"{r.format}/{r.n_images}", 0) + 1
+    print(f"rendered {len(recipes)} samples in {elapsed:.1f}s into {out}")
+    for key in sorted(counts):
+        print(f"  {key:<14} {counts[key]}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Until the service exists: sample data -> offline augmentation, on the embedded default."""
+    from workers.sample_data import write_sample_data
+
+    root = Path(args.out)
+    dataset = write_sample_data(root / "sample-data", num_samples=48, seed=0).parent
+    print(f"sample data: {dataset}")
+    ns = argparse.Namespace(dataset=str(dataset), out=str(root / "augmented"), formats="sequence,grid,pic_in_pic", num=args.num, seed=0)
+    return cmd_augment(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miadpo", description="MIA-DPO: multi-image preference alignment for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-data", help="Write the synthetic shapes VQA dataset (LLaVA format).")
+    p.add_argument("dir", help="Output folder.")
+    p.add_argument("--num", type=int, default=64, help="Number of images.")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("augment", help="Turn a single-image dataset into rendered multi-image prompts.")
+    p.add_argument("--dataset", required=True, help="Archive (.zip/.tar/.tar.gz), folder, .json/.jsonl or .parquet.")
+    p.add_argument("--out", required=True, help="Output folder (images/ and prompts.jsonl).")
+    p.add_argument("--formats", default="sequence,grid,pic_in_pic", help="Comma list of formats.")
+    p.add_argument("--num", type=int, default=100, help="Number of augmented samples.")
+    p.add_argument("--seed", type=int, default=0, help="Same seed, same bytes.")
+    p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("demo", help="Run the main job on the bundled sample data.")
+    p.add_argument("--out", default="data/demo", help="Where the demo writes.")
+    p.add_argument("--num", type=int, default=24, help="Augmented samples to render.")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MiadpoError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
