@@ -1,0 +1,42 @@
+"""Shared fixtures for the worker tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.settings import Settings
+
+# -- tiny models (workers/models, attention, hf backend) ------------------------------------------
+# Built once per session into a temporary data dir, loaded with from_pretrained from there.
+
+
+@pytest.fixture(scope="session")
+def tiny_model_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_model_settings: Settings):
+    from workers.models import load_model
+
+    return load_model("tiny-llava", tiny_model_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_model_settings: Settings):
+    from workers.models import load_model
+
+    return load_model("tiny-qwen2.5-vl", tiny_model_settings)
+
+
+@pytest.fixture(scope="session")
+def noise_image():
+    """noise_image(width, height, seed) -> a reproducible random RGB image."""
+
+    def make(width: int, height: int, seed: int = 0) -> Image.Image:
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        return Image.fromarray(pixels)
+
+    return make

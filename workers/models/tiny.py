@@ -1,0 +1,93 @@
+"""Built-in tiny models (DESIGN 4): randomly initialised, seeded, built offline, saved once.
+
+Each family knows how to build its tiny model (`ModelFamily.build_tiny`); this module holds what
+they share: a byte-level tokenizer made in code, and the one-time, concurrency-safe build into
+`{data_dir}/models/{name}` (build into a temporary directory, then rename it into place: a worker
+sees either no model or a complete one, and when two build at once the loser drops its copy).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from workers.models.base import ModelFamily
+
+TINY_SEED = 0
+_COMPLETE = "config.json"  # a target directory only ever appears complete (renamed into place)
+
+
+def byte_level_tokenizer(
+    special_tokens: Sequence[str],
+    *,
+    bos_token: str | None = None,
+    eos_token: str,
+    pad_token: str,
+    unk_token: str | None = None,
+    add_bos: bool = False,
+) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (256) plus `special_tokens`; no download, no merges.
+
+    Any text round-trips (byte-level), special tokens are never split, and `add_bos` prepends the
+    BOS token as LLaMA-style tokenizers do.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    if add_bos:
+        if bos_token is None:
+            raise ValueError("add_bos needs a bos_token")
+        bos_id = tokenizer.token_to_id(bos_token)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, bos_id)],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        unk_token=unk_token,
+        padding_side="left",
+    )
+
+
+def tiny_path(name: str, data_dir: Path) -> Path:
+    return Path(data_dir) / "models" / name
+
+
+def ensure_tiny(family: ModelFamily, data_dir: Path, seed: int = TINY_SEED) -> Path:
+    """The directory of `family`'s tiny model under `data_dir`, built on first use."""
+    if family.tiny_name is None:
+        raise ValueError(f"family {family.name!r} has no tiny model")
+    target = tiny_path(family.tiny_name, data_dir)
+    if (target / _COMPLETE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family.tiny_name}-", dir=target.parent))
+    try:
+        family.build_tiny(staging, seed)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Someone else finished first (target exists and is not empty): theirs is as good as ours.
+            if not (target / _COMPLETE).is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
