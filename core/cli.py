@@ -96,6 +96,67 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pairs(args: argparse.Namespace) -> int:
+    """The whole pipeline in one process: augment -> generate -> attention -> select -> postselect -> export."""
+    from core.dataset import read_samples
+    from workers.generate import GenerationConfig
+    from workers.models import load_model
+    from workers.pipeline import (
+        PipelineConfig,
+        make_backend,
+        merge_and_export,
+        process_shard,
+        shard_ranges,
+        write_records,
+    )
+    from workers.postselect import PostSelectionConfig
+    from workers.render import store_loader
+    from workers.select import SelectionConfig
+
+    config = PipelineConfig(
+        model=args.model,
+        num=args.num,
+        formats=tuple(_csv(args.formats)),
+        seed=args.seed,
+        generation=GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            num_candidates=args.num_candidates,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+        ),
+        selection=SelectionConfig(preset=args.preset),
+        post_selection=PostSelectionConfig(k=args.tukey_k),
+        backend=args.backend,
+        base_url=args.base_url,
+        shard_size=args.shard_size,
+    )
+    store, dataset_id, _ = ingest_local(Path(args.dataset))
+    samples = read_samples(store, dataset_id)  # type: ignore[arg-type]
+    handle = load_model(config.model)
+    backend = make_backend(config, handle)
+    load = store_loader(store)  # type: ignore[arg-type]
+    out = Path(args.out)
+    shard_paths = []
+    started = time.perf_counter()
+    done = 0
+    for i, (start, stop) in enumerate(shard_ranges(config.num, config.shard_size)):
+        records = process_shard(samples, config, start, stop, handle=handle, backend=backend, load=load)
+        path = out / "shards" / f"{i:05d}.jsonl"
+        write_records(path, records)
+        shard_paths.append(path)
+        done += len(records)
+        print(f"shard {i}: {done}/{config.num} prompts ({time.perf_counter() - started:.1f}s)", flush=True)
+    backend.close()
+    result = merge_and_export(shard_paths, config, out / "export", load)
+    c = result.counts
+    print(
+        f"prompts {c['prompts']} (hallucinated {c['hallucinated']}, not {c['not_hallucinated']}), "
+        f"candidates {c['candidates']}, pairs selected {c['selected_pairs']}, removed {c['removed']}, pairs {c['pairs']}"
+    )
+    print(f"export: {out / 'export'} (README.md, data/*.parquet)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Until the service exists: sample data -> offline augmentation, on the embedded default."""
     from workers.sample_data import write_sample_data
@@ -105,6 +166,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"sample data: {dataset}")
     ns = argparse.Namespace(dataset=str(dataset), out=str(root / "augmented"), formats="sequence,grid,pic_in_pic", num=args.num, seed=0)
     return cmd_augment(ns)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from core.services import run_api
+
+    return run_api(get_settings(), host=args.host, port=args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from core.services import run_worker
+
+    return run_worker(get_settings(), _csv(args.queues), burst=args.burst)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from core.services import run_up
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    return run_up(get_settings(), host=args.host, port=args.port, data_dir=data_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Same seed, same bytes.")
     p.set_defaults(func=cmd_augment)
 
+    p = sub.add_parser("pairs", help="Run the whole pipeline in this process and export DPO pairs.")
+    p.add_argument("--dataset", required=True, help="Archive, folder, .json/.jsonl or .parquet.")
+    p.add_argument("--model", default="tiny-llava", help="tiny-llava, tiny-qwen2.5-vl, a local path or a cached hub id.")
+    p.add_argument("--out", required=True, help="Output folder (shards/ and export/).")
+    p.add_argument("--num", type=int, default=100, help="Augmented prompts.")
+    p.add_argument("--formats", default="sequence,grid,pic_in_pic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--num-candidates", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--preset", default="paper", help="Threshold preset: paper or official_code.")
+    p.add_argument("--tukey-k", type=float, default=1.5, help="Post-selection fence width.")
+    p.add_argument("--backend", default="hf", help="hf, vllm or openai.")
+    p.add_argument("--base-url", default=None, help="openai backend: server URL ending in /v1.")
+    p.add_argument("--shard-size", type=int, default=200)
+    p.set_defaults(func=cmd_pairs)
+
     p = sub.add_parser("demo", help="Run the main job on the bundled sample data.")
     p.add_argument("--out", default="data/demo", help="Where the demo writes.")
     p.add_argument("--num", type=int, default=24, help="Augmented samples to render.")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("api", help="Serve the HTTP API.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="Run an RQ worker on some queues.")
+    p.add_argument("--queues", default="cpu,gpu,train", help="Comma list of cpu, gpu, train.")
+    p.add_argument("--burst", action="store_true", help="Quit when the queues are empty.")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("up", help="The whole stack on this machine: Redis (if needed), API, one worker.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default=None, help="Artifact store root (default: MIADPO_DATA_DIR).")
+    p.set_defaults(func=cmd_up)
     return parser
 
 

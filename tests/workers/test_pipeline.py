@@ -1,0 +1,104 @@
+"""`miadpo pairs` end to end on the sample data, and the export straight into trl.DPOTrainer."""
+
+from __future__ import annotations
+
+import glob
+import re
+
+import pytest
+from datasets import load_dataset
+
+from core.cli import main
+from core.settings import get_settings
+
+
+@pytest.fixture(scope="module")
+def pairs_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MIADPO_DATA_DIR", str(root / "data"))
+    get_settings.cache_clear()
+    try:
+        assert main(["sample-data", str(root / "sd"), "--num", "24"]) == 0
+        args = ["pairs", "--dataset", str(root / "sd"), "--out", str(root / "out"), "--num", "30",
+                "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
+        assert main(args) == 0
+        yield root / "out"
+    finally:
+        mp.undo()
+        get_settings.cache_clear()
+
+
+def _card_counts(card: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"^\| (\w+) \| (\d+) \|$", card, flags=re.M)}
+
+
+def test_card_counts_add_up(pairs_run):
+    counts = _card_counts((pairs_run / "export" / "README.md").read_text())
+    assert counts["prompts"] == 30
+    assert counts["prompts"] == counts["hallucinated"] + counts["not_hallucinated"]
+    removed = sum(counts[k] for k in ("perplexity", "length_ratio", "edit_distance"))
+    assert counts["pairs"] == counts["selected_pairs"] - removed
+    assert counts["pairs"] > 0  # a random tiny model's attention is arbitrary, but 30 prompts give some pairs
+
+
+def test_export_loads_and_matches_the_records(pairs_run):
+    files = sorted(glob.glob(str(pairs_run / "export" / "data" / "*.parquet")))
+    ds = load_dataset("parquet", data_files=files, split="train")
+    counts = _card_counts((pairs_run / "export" / "README.md").read_text())
+    assert len(ds) == counts["pairs"]
+    for row in ds:
+        n_parts = sum(p["type"] == "image" for p in row["prompt"][0]["content"])
+        assert n_parts == len(row["images"]) == (row["n_images"] if row["format"] == "sequence" else 1)
+        assert row["chosen"][0]["content"][0]["text"].strip()
+        assert row["rejected"][0]["content"][0]["text"].strip()
+        assert row["chosen"][0]["content"][0]["text"] != row["rejected"][0]["content"][0]["text"]
+        assert row["attention_ratio"] <= 0.7  # rejected answers are hallucinated by the paper's thresholds
+
+
+def test_same_seed_same_pairs(pairs_run, tmp_path, monkeypatch):
+    """A second run with the same seed writes byte-identical shard records."""
+    monkeypatch.setenv("MIADPO_DATA_DIR", str(pairs_run.parent / "data"))
+    get_settings.cache_clear()
+    args = ["pairs", "--dataset", str(pairs_run.parent / "sd"), "--out", str(tmp_path), "--num", "30",
+            "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
+    assert main(args) == 0
+    get_settings.cache_clear()
+    for name in ("00000.jsonl", "00001.jsonl"):
+        assert (tmp_path / "shards" / name).read_bytes() == (pairs_run / "shards" / name).read_bytes()
+
+
+def test_dpo_trainer_takes_the_export_as_is(pairs_run, tmp_path, tiny_model_settings):
+    """trl.DPOTrainer (tiny-llava, LoRA on the language model only, CPU, max_length=None): 2 steps, no conversion."""
+    import torch
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from workers.models import load_model
+
+    tiny_llava = load_model("tiny-llava", tiny_model_settings)  # our own copy: peft changes it in place
+    files = sorted(glob.glob(str(pairs_run / "export" / "data" / "*.parquet")))
+    ds = load_dataset("parquet", data_files=files, split="train")
+    model = tiny_llava.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = DPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+        bf16=False, max_length=None, report_to=[], logging_steps=1, save_strategy="no",
+        beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1], use_cpu=True,
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_llava.processor, peft_config=lora)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    trained = trainer.model
+    lora_names = [n for n, _ in trained.named_parameters() if "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in lora_names)
+    changed = [n for n, p in trained.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed  # lora_B starts at zero: it moved
+    for name, param in trained.named_parameters():
+        if "lora_" not in name:
+            base = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, before[base]), name
