@@ -105,6 +105,9 @@ def _image_size(images: Sequence[Any]) -> tuple[int, int]:
 def _candidate_probes(handle: Any, prompts: Sequence[PromptInput], cands: list[list[Candidate]], layers: Any, batch_size: int) -> list[list[ProbeResult]]:
     """Probe results for every candidate: recorded ones as they are, the rest from one probe pass."""
     tokenizer = handle.processor.tokenizer
+    # An answer that spells out an image placeholder (e.g. the text "<image>") must not become image
+    # features in the probe: those tokens are dropped from the probed ids.
+    placeholders = set(handle.family.placeholder_token_ids(handle.processor))
     todo: list[tuple[int, int]] = []
     out: list[list[ProbeResult | None]] = [[c.probe for c in row] for row in cands]
     for i, row in enumerate(cands):
@@ -112,6 +115,7 @@ def _candidate_probes(handle: Any, prompts: Sequence[PromptInput], cands: list[l
             if c.probe is None:
                 if not c.token_ids and c.text:  # text-only backends: re-tokenise the answer
                     c.token_ids = tokenizer(c.text, add_special_tokens=False)["input_ids"]
+                c.token_ids = [t for t in c.token_ids if t not in placeholders]
                 todo.append((i, j))
     if todo:
         results = probe(handle, [prompts[i] for i, _ in todo], [cands[i][j].token_ids for i, j in todo], layers=layers, batch_size=batch_size)

@@ -8,21 +8,17 @@ import hashlib
 import json
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from starlette.responses import JSONResponse
 
 from core.errors import FatalError, TransientError, UserError
-from workers.backends.chat_server import create_chat_app
+from workers.backends.chat_server import create_chat_app, serve
 from workers.backends.openai import OpenAIBackend
 from workers.generate import Candidate, GenerationBackend, GenerationConfig, PromptInput
 
@@ -129,30 +125,6 @@ class Wrapped:
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await self.app(scope, replay, send)
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """Run `app` with uvicorn on a free loopback port in a thread; yields the OpenAI base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
 
 
 @pytest.fixture

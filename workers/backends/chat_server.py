@@ -15,11 +15,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -203,3 +207,30 @@ def create_chat_app(backend: GenerationBackend, model_name: str) -> FastAPI:
         }
 
     return app
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """Run `app` with uvicorn on a free loopback port in a thread; yields the OpenAI base URL.
+
+    For tests and local experiments: `with serve(create_chat_app(HFBackend(h), "m")) as url: ...`
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("chat server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
