@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy core
+	$(VENV)/bin/mypy core app
 
 bench: bench-augment
 
@@ -34,3 +34,6 @@ bench-augment: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+
+openapi: $(STAMP)
+	$(PY) -m app.openapi openapi.yaml

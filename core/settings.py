@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -35,6 +36,66 @@ class Settings(BaseSettings):
     max_answer_chars: int = Field(
         512, gt=0, description="Samples whose answer has this many characters or more are skipped (paper)."
     )
+
+    # Service: API keys, idempotency, jobs and workers.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API keys accepted as `Authorization: Bearer <key>`: a comma list, or @/path/file (one per line).",
+    )
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key is remembered (s).")
+    max_problems_listed: int = Field(
+        100, ge=0, description="Most per-row problems kept in a dataset record (the count is always exact)."
+    )
+    job_retry_max: int = Field(3, ge=0, description="Retries of a job that failed on a transient fault.")
+    job_retry_intervals: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [5, 20, 60],
+        description="Backoff before each retry (s), comma list; the last one repeats.",
+    )
+    ingest_timeout_s: int = Field(3600, gt=0, description="Longest an ingest job may run (s).")
+    pairset_timeout_s: int = Field(6 * 3600, gt=0, description="Longest one pair-set job may run (s).")
+    worker_job_monitoring_interval_s: int = Field(
+        5, gt=0, description="How often a busy worker heartbeats its running job (s)."
+    )
+    worker_heartbeat_grace_s: int = Field(
+        15, gt=0, description="A running job with no heartbeat for interval + grace is abandoned (s)."
+    )
+    worker_maintenance_interval_s: int = Field(
+        15, gt=0, description="How often workers look for abandoned jobs and clean RQ registries (s)."
+    )
+    worker_ttl_s: int = Field(
+        30, ge=20, description="An idle worker heartbeats every ttl - 15 s; a silent one is dead after ttl + 60."
+    )
+    log_level: str = Field("INFO", description="Log level of the api and worker processes.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _read_api_keys(cls, value: object) -> object:
+        """`a,b`, or `@/path`: one key per line, `#` comments; a file keeps keys out of the environment."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"api_keys: cannot read {text[1:]!r}: {exc.strerror}") from None
+            keys = [line.strip() for line in text.splitlines()]
+            return [k for k in keys if k and not k.startswith("#")]
+        return [k.strip() for k in text.split(",") if k.strip()]
+
+    @field_validator("job_retry_intervals", mode="before")
+    @classmethod
+    def _split_intervals(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("job_retry_intervals")
+    @classmethod
+    def _check_intervals(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError(f"job_retry_intervals must be non-negative seconds, at least one, got {value!r}")
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,1 @@
+"""The HTTP front end: routes validate, call core, and return a schema."""

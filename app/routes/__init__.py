@@ -1,0 +1,1 @@
+"""One module per resource; every route declares its response model."""

@@ -1,0 +1,263 @@
+"""The long-running services behind `miadpo api`, `miadpo worker` and `miadpo up` (DESIGN 3.5).
+
+Abandoned jobs (a worker SIGKILLed, OOM-killed, or its machine gone) are re-run within a minute:
+
+RQ 3 keeps a running job in the queue's StartedJobRegistry with an expiry score that the worker pushes
+forward on every heartbeat: every `job_monitoring_interval` seconds while the work horse runs, to
+`now + min(interval, time left) + 60`. Some live worker's maintenance (every `maintenance_interval`,
+default 10 minutes) runs `StartedJobRegistry.cleanup()`, which retries (if the job has retries left,
+and ours always do) or fails every job whose score has passed. Defaults: a dead worker's job comes
+back after 10-12 minutes. `MiadpoWorker` tightens every term, from the settings:
+
+    heartbeat every  worker_job_monitoring_interval_s  (5 s)
+    expiry grace     worker_heartbeat_grace_s           (15 s, instead of RQ's fixed 60 s)
+    maintenance      worker_maintenance_interval_s      (15 s), also while the worker is busy with a job
+    idle wake-up     worker_ttl_s - 15                  (15 s: an idle worker blocks this long per poll)
+
+Worst case from the last heartbeat: 5 + 15 s until the entry expires, at most 15 + 15 s until a live
+worker's maintenance notices, then the first retry interval (5 s) and the scheduler's 1 s tick: under
+a minute. Each retry uses up one of `job_retry_max`, and the failure callback records a `retry` event.
+A work horse killed under a live worker (OOM) is caught at once by its worker; RQ then retries it
+without calling the failure callback, so `MiadpoWorker` calls it (the resource is failed once retries
+run out). A work horse dies with its worker (PR_SET_PDEATHSIG): a job is never run twice at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Worker
+from rq.callbacks import execute_failure_callback
+from rq.exceptions import AbandonedJobError
+
+from core.errors import FatalError
+from core.jobs import QUEUES, get_queue
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_GRACE_S = 10.0
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------------------------
+# api
+
+
+def run_api(settings: Settings, *, host: str, port: int) -> int:
+    """Serve the HTTP API with uvicorn until interrupted."""
+    import uvicorn
+
+    from app.main import create_app
+
+    configure_logging(settings)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# worker
+
+
+class MiadpoWorker(Worker):
+    """RQ's forking worker, tuned so that abandoned jobs come back fast (see the module docstring)."""
+
+    heartbeat_grace_s = 15
+
+    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+        # RQ adds a fixed 60 s to every heartbeat; that margin is what decides how long a dead worker's
+        # job stays "started". A few missed heartbeats' worth is enough.
+        if job.timeout and job.timeout > 0:
+            left = max(1, int(job.timeout - working_time))
+            return min(left, self.job_monitoring_interval) + self.heartbeat_grace_s
+        return self.job_monitoring_interval + self.heartbeat_grace_s
+
+    def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+        super().maintain_heartbeats(job, execution)
+        # RQ runs maintenance only between jobs: with every worker busy on long jobs, nobody would look
+        # for a dead worker's job until one of them finished.
+        if self.should_run_maintenance_tasks:
+            self.run_maintenance_tasks()
+
+    def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        # RQ fails (or retries) such a job without its failure callback; ours keeps the record in step.
+        exc = AbandonedJobError(f"work horse of job {job.id} died (wait status {ret_val})")
+        try:
+            execute_failure_callback(job, self.death_penalty_class, AbandonedJobError, exc, None)
+        except Exception:
+            self.log.exception("failure callback of job %s raised", job.id)
+
+    def main_work_horse(self, job: Any, queue: Any) -> None:
+        _die_with_parent()
+        super().main_work_horse(job, queue)
+
+
+def _die_with_parent() -> None:
+    """Make this process get SIGKILL when its parent dies (Linux); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def make_worker(settings: Settings, queues: list[str], connection: Redis | None = None) -> MiadpoWorker:
+    """A worker on `queues` with the abandoned-job timings from `settings`."""
+    unknown = [q for q in queues if q not in QUEUES]
+    if not queues or unknown:
+        raise ValueError(f"--queues must be a comma list of {', '.join(QUEUES)}, got {','.join(queues)!r}")
+    connection = connection or Redis.from_url(settings.redis_url)
+    worker = MiadpoWorker(
+        [get_queue(connection, q) for q in queues],
+        connection=connection,
+        worker_ttl=settings.worker_ttl_s,
+        job_monitoring_interval=settings.worker_job_monitoring_interval_s,
+        maintenance_interval=settings.worker_maintenance_interval_s,
+    )
+    worker.heartbeat_grace_s = settings.worker_heartbeat_grace_s
+    return worker
+
+
+def run_worker(settings: Settings, queues: list[str], *, burst: bool = False) -> int:
+    """Work on `queues` until SIGTERM (finish the current job) or a second SIGTERM (stop it)."""
+    configure_logging(settings)
+    worker = make_worker(settings, queues)
+    import workers.tasks  # noqa: F401  (imported once here, so every forked job starts warm)
+
+    # The scheduler moves retries with a backoff interval back to their queue when they are due.
+    worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# up
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (RedisError, OSError, ValueError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `redis-server` from PATH with its files (AOF on) under `data_dir/redis`; wait until it answers."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FatalError("redis-server is not on PATH", code="no_redis")
+    port = port or (6379 if _port_free(6379) else free_port())
+    folder = data_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "--dir", str(folder), "--appendonly", "yes", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not _redis_answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop([proc])
+            raise FatalError(f"redis-server did not start on port {port}", code="no_redis")
+        time.sleep(0.05)
+    return proc, url
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group (in order), wait a little, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of its group (e.g. RQ's scheduler)
+        proc.wait()
+
+
+def run_up(settings: Settings, *, host: str, port: int, data_dir: Path | None = None) -> int:
+    """The whole stack on one machine: Redis (REDIS_URL if it answers, else our own), the API and one
+    worker for every queue, each in its own process; Ctrl-C or SIGTERM stops everything started here."""
+    configure_logging(settings)
+    data_dir = (data_dir or settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MIADPO_DATA_DIR=str(data_dir))
+    started: list[subprocess.Popen] = []
+    stop_requested = False
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    old_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rc = 0
+    try:
+        redis_url = settings.redis_url
+        if not _redis_answers(redis_url):
+            if shutil.which("redis-server") is None:
+                raise FatalError(
+                    f"no Redis answers at {redis_url} and redis-server is not on PATH: "
+                    "install Redis (apt-get install redis-server) or set REDIS_URL to a running one",
+                    code="no_redis",
+                )
+            proc, redis_url = start_redis(data_dir)
+            started.append(proc)
+            print(f"started redis-server at {redis_url} (data in {data_dir / 'redis'})", flush=True)
+        # Both names: MIADPO_REDIS_URL wins over REDIS_URL, and either may be set in our environment.
+        env["REDIS_URL"] = env["MIADPO_REDIS_URL"] = redis_url
+        if not settings.api_keys:
+            key = secrets.token_urlsafe(24)
+            env["MIADPO_API_KEYS"] = key
+            print(f"MIADPO_API_KEYS is not set; this run accepts the API key: {key}", flush=True)
+        cli = [sys.executable, "-m", "core.cli"]
+        started.append(subprocess.Popen([*cli, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True))
+        started.append(subprocess.Popen([*cli, "worker", "--queues", ",".join(QUEUES)], env=env, start_new_session=True))
+        print(f"miadpo up: API on http://{host}:{port}, worker on {','.join(QUEUES)}; Ctrl-C stops", flush=True)
+        while not stop_requested:
+            dead = [p for p in started if p.poll() is not None]
+            if dead:
+                print(f"miadpo up: {dead[0].args!r} exited with {dead[0].returncode}; stopping", flush=True)
+                rc = 1
+                break
+            time.sleep(0.2)
+    finally:
+        _stop(list(reversed(started)))  # worker and API before the Redis they use
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return rc
