@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from core.errors import MiadpoError
+from core.runtime import configure_libraries
 from core.settings import get_settings
 
 
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +66,15 @@ class Settings(BaseSettings):
         30, ge=20, description="An idle worker heartbeats every ttl - 15 s; a silent one is dead after ttl + 60."
     )
     log_level: str = Field("INFO", description="Log level of the api and worker processes.")
+    # Generation: what a pair set uses when its request does not say (the deployment decides).
+    generation_backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="Default generation backend of pair sets: hf, vllm or openai."
+    )
+    openai_base_url: str | None = Field(
+        None, description="OpenAI-compatible server (e.g. `vllm serve`) for the openai backend, ending in /v1."
+    )
+    openai_api_key: str | None = Field(None, description="Bearer key for that server, if it wants one.")
+    device: str | None = Field(None, description="Torch device of workers and trainer (default: cuda if present, else cpu).")
 
     @field_validator("api_keys", mode="before")
     @classmethod
