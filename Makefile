@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck openapi bench bench-augment clean
+.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api clean
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -27,10 +27,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy core app
 
-bench: bench-augment
+bench: bench-augment bench-train
 
 bench-augment: $(STAMP)
 	$(PY) bench/augment.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
