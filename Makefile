@@ -27,13 +27,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy core app
 
-bench: bench-augment bench-train
+bench: bench-augment bench-train bench-api
 
 bench-augment: $(STAMP)
 	$(PY) bench/augment.py
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py
+
+bench-api: $(STAMP)
+	$(PY) bench/api.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ unreachable (503) and anything unexpected (500, logged with its traceback, never
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,8 +22,15 @@ from core.errors import MiadpoError, UserError
 log = logging.getLogger(__name__)
 
 _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error"}
-_HTTP_CODES = {404: "route_not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "invalid_body",
+    404: "route_not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie")
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 class AuthenticationError(MiadpoError):
@@ -84,13 +92,25 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the API documents on this path: Starlette's 405 names only the first matching route's
+    (GET and DELETE of /v1/datasets/{id} are two routes)."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\{[^/}]+\}", "[^/]+", template), request.url.path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    headers = dict(exc.headers) if exc.headers else {}
     if status == 404:
         message = f"no route {request.method} {request.url.path}"
     elif status == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     else:
         message = str(exc.detail)
     return envelope(
@@ -98,7 +118,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         type=_HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
         code=_HTTP_CODES.get(status, "http_error"),
         message=message,
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
     )
 
 

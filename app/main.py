@@ -12,7 +12,8 @@ from redis import Redis
 
 from app.errors import install_error_handlers
 from app.metrics import Metrics, MetricsMiddleware
-from app.routes import datasets, health, pairsets
+from app.openapi import install as install_openapi
+from app.routes import datasets, health, pairsets, trainings
 from core import records
 from core.settings import Settings, get_settings
 from core.store import ArtifactStore
@@ -57,4 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(pairsets.router)
+    app.include_router(trainings.router)
+    install_openapi(app)  # last: the document covers every route
     return app

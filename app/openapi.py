@@ -11,9 +11,52 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from fastapi import FastAPI
 
 from core.settings import Settings
 from core.store import atomic_writer
+
+_NULL = {"type": "null"}
+
+
+def _without_null_parameters(document: dict[str, Any]) -> dict[str, Any]:
+    """Optional parameters as plain schemas: FastAPI writes `X | None` as `anyOf: [X, {type: null}]`, but a
+    query or header parameter has no null (it is absent), and a client reading the anyOf sends "null"."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            for param in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                schema = param.get("schema", {})
+                options = schema.get("anyOf", [])
+                rest = [o for o in options if o != _NULL]
+                if _NULL in options and len(rest) == 1:
+                    param["schema"] = {**{k: v for k, v in schema.items() if k != "anyOf"}, **rest[0]}
+    return document
+
+
+def _body_errors(document: dict[str, Any]) -> dict[str, Any]:
+    """Every operation that reads a body may answer 400 (FastAPI's: a body that cannot be parsed at all)."""
+    error = {
+        "description": "The body could not be parsed.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation.setdefault("responses", {}).setdefault("400", error)
+    return document
+
+
+def install(app: FastAPI) -> None:
+    """Serve the app's OpenAPI document with optional parameters as plain schemas and the 400 of body
+    parsing documented (built once, cached)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _body_errors(_without_null_parameters(build()))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def openapi_document() -> dict[str, Any]:

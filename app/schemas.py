@@ -5,9 +5,12 @@ combination that a stage config refuses is refused here already (422), not minut
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from trainer.config import LR_SCHEDULERS, TrainHyperparameters
 
 # --------------------------------------------------------------------------------------------------
 # Shared
@@ -104,6 +107,69 @@ class DatasetList(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# Training hyperparameters (used by pair sets' `train` and by trainings)
+
+_HP_FIELDS = {f.name: f for f in dataclasses.fields(TrainHyperparameters)}
+
+
+def _hp(name: str, **limits: Any) -> Any:
+    """A hyperparameter's Field: its default and help from `TrainHyperparameters`, the limits it checks."""
+    spec = _HP_FIELDS[name]
+    return Field(spec.default, description=spec.metadata["help"], **limits)
+
+
+class TrainingHyperparameters(_Request):
+    """DPO + LoRA hyperparameters; omitted ones take the paper's defaults. The limits mirror
+    `trainer.config.TrainHyperparameters`, which has the last word: every value is also checked by it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not 1, "0.1" is not a number
+
+    beta: float = _hp("beta", gt=0, allow_inf_nan=False)
+    nll_weight: float = _hp("nll_weight", ge=0, allow_inf_nan=False)
+    learning_rate: float = _hp("learning_rate", gt=0, le=1)
+    num_epochs: int = _hp("num_epochs", ge=1)
+    per_device_batch_size: int = _hp("per_device_batch_size", ge=1)
+    gradient_accumulation_steps: int = _hp("gradient_accumulation_steps", ge=1)
+    warmup_ratio: float = _hp("warmup_ratio", ge=0, lt=1)
+    lr_scheduler: str = _hp("lr_scheduler", json_schema_extra={"enum": list(LR_SCHEDULERS)})
+    weight_decay: float = _hp("weight_decay", ge=0, allow_inf_nan=False)
+    max_grad_norm: float = _hp("max_grad_norm", ge=0, allow_inf_nan=False)
+    lora_r: int = _hp("lora_r", ge=1)
+    lora_alpha: int = _hp("lora_alpha", ge=1)
+    lora_dropout: float = _hp("lora_dropout", ge=0, lt=1)
+    lora_target: str = _hp("lora_target", min_length=1, max_length=2000)
+    max_length: int | None = _hp("max_length", ge=1)
+    seed: int = _hp("seed", ge=0, le=2**32 - 1)
+    max_steps: int | None = _hp("max_steps", ge=1)
+    gradient_checkpointing: bool = _hp("gradient_checkpointing")
+    logging_steps: int = _hp("logging_steps", ge=1)
+
+    @field_validator("*")
+    @classmethod
+    def _check_one(cls, value: Any, info: ValidationInfo) -> Any:
+        # Each value alone (the others at their defaults), so that an error names its parameter.
+        TrainHyperparameters.from_dict({str(info.field_name): value})
+        return value
+
+    @model_validator(mode="after")
+    def _check_all(self) -> TrainingHyperparameters:
+        TrainHyperparameters.from_dict(self.model_dump())
+        return self
+
+
+class TrainingSpec(_Request):
+    """What to train on a pair set: the `train` of a pair set, and the body of a training besides `pairset_id`."""
+
+    model: str | None = Field(
+        None, min_length=1, max_length=512, description="The model to adapt; default: the pair set's model."
+    )
+    hyperparameters: TrainingHyperparameters = Field(default_factory=TrainingHyperparameters)
+    checkpoint_every: int = Field(
+        100, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (and one at the last step)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Pair sets
 
 AugmentFormat = Literal["sequence", "grid", "pic_in_pic"]
@@ -143,9 +209,16 @@ class Generation(_Request):
     temperature: float = Field(0.0, ge=0, le=5, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts per generate call.")
-    backend: Literal["hf", "vllm", "openai"] = Field("hf", description="hf (in-process), vllm, or an OpenAI-compatible server.")
+    backend: Literal["hf", "vllm", "openai"] | None = Field(
+        None,
+        description="hf (in-process), vllm, or an OpenAI-compatible server; default: the deployment's "
+        "(MIADPO_GENERATION_BACKEND of the gpu workers), written here when the first shard runs.",
+    )
     base_url: str | None = Field(
-        None, max_length=2048, pattern=r"^https?://", description="The OpenAI-compatible server (backend openai)."
+        None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="The OpenAI-compatible server (backend openai); default: the deployment's (MIADPO_OPENAI_BASE_URL).",
     )
 
     @model_validator(mode="after")
@@ -188,7 +261,7 @@ class PairSetCreate(_Request):
     post_selection: PostSelection = Field(default_factory=PostSelection)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="One seed for all randomness: same seed, same bytes.")
     shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard job.")
-    train: dict[str, Any] | None = Field(None, description="Training hyperparameters: train when the pairs are done.")
+    train: TrainingSpec | None = Field(None, description="Train an adapter on the pairs when they are done (a training is created).")
 
 
 class PairSetProgress(BaseModel):
@@ -221,6 +294,7 @@ class PairSet(BaseModel):
     counts: PairSetCounts
     error: ResourceError | None
     config: PairSetCreate = Field(description="The create request, defaults filled in.")
+    training_id: str | None = Field(None, description="The training that `train` started, once the pairs were done.")
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -229,4 +303,93 @@ class PairSet(BaseModel):
 class PairSetList(BaseModel):
     object: Literal["list"] = "list"
     data: list[PairSet]
+    has_more: bool
+
+
+class Pair(BaseModel):
+    """One exported preference pair, as previewed: its text and metadata, and where its images are."""
+
+    uid: str = Field(description="The pair's id, `{seed}-{index}`; use it as `after` for the next page.")
+    source_id: str = Field(description="Id of the dataset sample the question and chosen answer come from.")
+    format: Literal["sequence", "grid", "pic_in_pic"]
+    n_images: int
+    target_index: int = Field(description="0-based position of the image the question is about (`In Image{target_index + 1}`).")
+    prompt: str = Field(description="The user turn, `<image>` where each image goes.")
+    chosen: str = Field(description="The ground-truth answer.")
+    rejected: str = Field(description="The model's answer that attended to the wrong image.")
+    attention_ratio: float | None = Field(description="Attention on the target image / on all images.")
+    perplexity: float | None = Field(description="Perplexity of the rejected answer under the model.")
+    length_ratio: float | None = Field(description="Rejected / chosen length, in tokens.")
+    edit_distance: float | None = Field(description="Normalised edit distance between chosen and rejected.")
+    image_urls: list[str] = Field(description="One URL per image (PNG), in prompt order.")
+
+
+class PairList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Pair]
+    has_more: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainings
+
+
+class TrainingCreate(TrainingSpec):
+    pairset_id: str = Field(min_length=1, max_length=64, description="A succeeded pair set of yours.")
+
+
+class TrainingProgress(BaseModel):
+    step: int = Field(description="Optimizer steps done (a resumed training counts those before it resumed).")
+    total_steps: int = Field(description="Planned optimizer steps; known once the training has started (or from max_steps).")
+
+
+class TrainingCheckpoints(BaseModel):
+    count: int = Field(description="Complete checkpoints in the store.")
+    last_step: int | None = Field(description="Step of the latest one.")
+
+
+class TrainingAdapter(BaseModel):
+    size_bytes: int = Field(description="Size of the adapter archive (.tar.gz).")
+    url: str = Field(description="Where to download it.")
+
+
+class Training(BaseModel):
+    id: str
+    object: Literal["training"] = "training"
+    pairset_id: str
+    model: str
+    hyperparameters: TrainingHyperparameters = Field(description="As trained: defaults filled in.")
+    checkpoint_every: int
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: TrainingProgress
+    metrics: dict[str, float] = Field(
+        description="The latest logged step's metrics: loss, rewards/chosen, rewards/rejected, rewards/margins, "
+        "rewards/accuracies, logps/..., grad_norm (TRL's names)."
+    )
+    checkpoints: TrainingCheckpoints
+    adapter: TrainingAdapter | None = Field(description="The trained adapter, once the training has succeeded.")
+    error: ResourceError | None
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+
+class TrainingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Training]
+    has_more: bool
+
+
+class TrainingCheckpoint(BaseModel):
+    """A complete checkpoint: the step it was saved at, that step's metrics, and its adapter files."""
+
+    step: int
+    metrics: dict[str, float]
+    created_at: int
+    url: str = Field(description="Download of its adapter and processor files (.tar.gz).")
+
+
+class TrainingCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TrainingCheckpoint]
     has_more: bool

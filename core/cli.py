@@ -181,6 +181,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(get_settings(), _csv(args.queues), burst=args.burst)
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from core.services import run_trainer
+
+    return run_trainer(get_settings(), burst=args.burst)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from core.services import run_up
 
@@ -239,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="Quit when the queues are empty.")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("up", help="The whole stack on this machine: Redis (if needed), API, one worker.")
+    p = sub.add_parser("trainer", help="Run the trainer: a worker on the train queue, one training at a time.")
+    p.add_argument("--burst", action="store_true", help="Quit when the queue is empty.")
+    p.set_defaults(func=cmd_trainer)
+
+    p = sub.add_parser("up", help="The whole stack on this machine: Redis (if needed), API, a worker, the trainer.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=None, help="Artifact store root (default: MIADPO_DATA_DIR).")

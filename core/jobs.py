@@ -9,15 +9,17 @@ failure and stop callbacks (`workers.tasks`) know which record to update when a 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from redis import Redis
 from rq import Callback, Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 
 from core import records
+from core.errors import UserError
 from core.settings import Settings
 
 CPU, GPU, TRAIN = "cpu", "gpu", "train"
@@ -53,7 +55,7 @@ def enqueue(
     job_id: str,
     timeout: int,
     resource: tuple[str, str] | None = None,
-    depends_on: Job | str | list[Job | str] | None = None,
+    depends_on: Job | str | list[Job | str] | Dependency | None = None,
 ) -> Job:
     """Enqueue `func(*args)`: the only call of `Queue.enqueue` in the project.
 
@@ -103,13 +105,23 @@ def pairset_job_id(pairset_id: str) -> str:
     return f"pairset-{pairset_id}"
 
 
-def enqueue_pairset(connection: Redis, pairset_id: str, *, settings: Settings) -> Job:
-    """Start a pair set's pipeline. HOOK: the API calls this once per created pair set.
+def pairset_shard_job_id(pairset_id: str, index: int) -> str:
+    return f"pairset-{pairset_id}-shard-{index:05d}"
 
-    PLACEHOLDER until the pipeline lands: it enqueues `workers.tasks.run_pairset`, which only marks the
-    pair set failed with code `not_implemented`. The pipeline replaces this body with the shard jobs
-    (gpu queue), a merge job depending on all of them and an export job (cpu queue), all via `enqueue`.
-    """
+
+def pairset_merge_job_id(pairset_id: str) -> str:
+    return f"pairset-{pairset_id}-merge"
+
+
+def pairset_job_ids(pairset_id: str, num_shards: int) -> list[str]:
+    """Every job of a pair set: the start job, its shard jobs, the merge."""
+    shards = [pairset_shard_job_id(pairset_id, i) for i in range(num_shards)]
+    return [pairset_job_id(pairset_id), *shards, pairset_merge_job_id(pairset_id)]
+
+
+def enqueue_pairset(connection: Redis, pairset_id: str, *, settings: Settings) -> Job:
+    """Start a pair set's pipeline: `workers.tasks.run_pairset` (cpu) checks it and enqueues its shards
+    and merge (`enqueue_pairset_shards`). The API calls this once per created pair set."""
     return enqueue(
         connection,
         settings,
@@ -120,6 +132,56 @@ def enqueue_pairset(connection: Redis, pairset_id: str, *, settings: Settings) -
         timeout=settings.pairset_timeout_s,
         resource=(records.PAIRSET, pairset_id),
     )
+
+
+def _enqueue_once(
+    connection: Redis, settings: Settings, queue_name: str, func: str, *args: Any, job_id: str, **kwargs: Any
+) -> Job:
+    """`enqueue`, unless a job with this id exists already: a re-run of the job that enqueues (its
+    worker died half-way) must not run a shard twice, nor reset one that is running or done."""
+    try:
+        return Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return enqueue(connection, settings, queue_name, func, *args, job_id=job_id, **kwargs)
+
+
+def enqueue_pairset_shards(
+    connection: Redis, pairset_id: str, num_shards: int, *, settings: Settings
+) -> list[Job]:
+    """The pair set's job graph: one `workers.tasks.run_pairset_shard` job per shard on the gpu queue,
+    then `workers.tasks.merge_pairset` on the cpu queue once every shard has succeeded.
+
+    A shard that fails for good never lets the merge run (`allow_failure=False`): the merge would wait
+    in RQ's deferred registry for ever, so the shard's failure callback fails the pair set and
+    `stop_pairset` cancels the merge. Returns the shard jobs and the merge job, in that order.
+    """
+    resource = (records.PAIRSET, pairset_id)
+    shards = [
+        _enqueue_once(
+            connection,
+            settings,
+            GPU,
+            "workers.tasks.run_pairset_shard",
+            pairset_id,
+            i,
+            job_id=pairset_shard_job_id(pairset_id, i),
+            timeout=settings.pairset_timeout_s,
+            resource=resource,
+        )
+        for i in range(num_shards)
+    ]
+    merge = _enqueue_once(
+        connection,
+        settings,
+        CPU,
+        "workers.tasks.merge_pairset",
+        pairset_id,
+        job_id=pairset_merge_job_id(pairset_id),
+        timeout=settings.pairset_timeout_s,
+        resource=resource,
+        depends_on=Dependency(jobs=shards, allow_failure=False),
+    )
+    return [*shards, merge]
 
 
 def stop_job(connection: Redis, job_id: str) -> None:
@@ -140,9 +202,97 @@ def stop_job(connection: Redis, job_id: str) -> None:
         pass  # it finished (or was cancelled) in between: nothing left to stop
 
 
-def stop_pairset(connection: Redis, pairset_id: str) -> None:
-    """Stop the jobs of a pair set whose cancel flag is up. HOOK: the pipeline extends it to its shard jobs."""
-    stop_job(connection, pairset_job_id(pairset_id))
+def stop_pairset(connection: Redis, pairset_id: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Stop every job of a pair set that is cancelled (or failed): queued ones (shards, the deferred
+    merge) are cancelled; running ones are asked to stop. A shard on a `gpu` worker (non-forking)
+    stops at its next batch, when it sees the cancel flag or that its pair set has finished. `skip`: job
+    ids to leave alone (the job whose own failure callback is calling).
+    """
+    record = records.find(connection, records.PAIRSET, pairset_id)
+    num_shards = int(record.get("num_shards") or 0) if record else 0
+    start, *shards, merge = pairset_job_ids(pairset_id, num_shards)
+    # The merge first: once it is cancelled, no shard finishing now can make it run.
+    for job_id in (start, merge, *shards):
+        if job_id not in skip:
+            stop_job(connection, job_id)
+
+
+def training_job_id(training_id: str) -> str:
+    return f"training-{training_id}"
+
+
+def enqueue_training(connection: Redis, training_id: str, *, settings: Settings) -> Job:
+    """Run a training (`trainer.tasks.run_training_job`) on the train queue, under `training_timeout_s`.
+    A job that exists already (queued, running or done) is left as it is: one training never runs twice."""
+    return _enqueue_once(
+        connection,
+        settings,
+        TRAIN,
+        "trainer.tasks.run_training_job",
+        training_id,
+        job_id=training_job_id(training_id),
+        timeout=settings.training_timeout_s,
+        resource=(records.TRAINING, training_id),
+    )
+
+
+def enqueue_training_for_pairset(connection: Redis, pairset_id: str, *, settings: Settings) -> str:
+    """Start the training that a pair set's `train` asked for (its merge job calls this once the pairs are
+    exported): `create_training_for_pairset`, then the job. Returns the training's id.
+
+    Idempotent: a re-run of the caller finds the same training, and enqueues its job only if it has none.
+
+    Raises:
+        NotFoundError: no such pair set.
+        UserError: the pair set asked for no training.
+    """
+    training_id = create_training_for_pairset(connection, pairset_id)
+    enqueue_training(connection, training_id, settings=settings)
+    return training_id
+
+
+def create_training_for_pairset(connection: Redis, pairset_id: str) -> str:
+    """The `queued` training record that a pair set's `train` asks for, without its job: owned by the
+    pair set's owner, from `train` (hyperparameters, checkpoint_every, model; default model: the pair
+    set's), its id kept on the pair set (`training_id`) with a `training_created` event there. The merge
+    job calls this just before it marks the pair set succeeded, and enqueues the job just after.
+
+    Idempotent: the pair set keeps the id (`records.link_training`), so a second call returns the same
+    training (and creates its record only if it is missing).
+    """
+    pairset = records.get(connection, records.PAIRSET, pairset_id)
+    train = pairset["config"].get("train")
+    if not train:
+        raise UserError(f"pair set {pairset_id} asked for no training", code="no_training_requested", param="train")
+    training_id = records.link_training(connection, pairset_id, records.new_id(records.TRAINING))
+    if records.find(connection, records.TRAINING, training_id) is None:
+        record = records.new_training(
+            pairset["owner"],
+            pairset_id=pairset_id,
+            model=train.get("model") or pairset["model"],
+            hyperparameters=dict(train.get("hyperparameters") or {}),
+            checkpoint_every=train["checkpoint_every"],
+            training_id=training_id,
+        )
+        records.create(connection, records.TRAINING, record)
+        records.append_event(connection, training_id, "created", {"status": "queued", "pairset_id": pairset_id})
+        records.append_event(connection, pairset_id, "training_created", {"training_id": training_id})
+    return training_id
+
+
+def stop_training(connection: Redis, training_id: str) -> None:
+    """Drop the job of a cancelled training if it has not started (queued, or waiting for a retry).
+
+    A running one is not killed: it sees the cancel flag after its current optimizer step and saves a
+    checkpoint of that step before it stops (a kill would lose every step since the last checkpoint).
+    """
+    try:
+        job = Job.fetch(training_job_id(training_id), connection=connection)
+    except NoSuchJobError:
+        return
+    if job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED):
+        with contextlib.suppress(InvalidJobOperation):
+            job.cancel()
 
 
 def queue_stats(connection: Redis) -> dict[str, dict[str, int]]:

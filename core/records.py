@@ -1,15 +1,17 @@
-"""Resource records (datasets, pair sets), their events and idempotency keys, in Redis.
+"""Resource records (datasets, pair sets, trainings), their events and idempotency keys, in Redis.
 
 Nothing here knows about HTTP: the API and the jobs both read and write records through these functions.
 
 Keys (all under `miadpo:`):
 
-    dataset:{id}, pairset:{id}         the record, one JSON string
-    owner:{owner}:datasets|pairsets    the owner's ids in a sorted set, all with score 0: ids start with
+    dataset|pairset|training:{id}      the record, one JSON string
+    owner:{owner}:{kind}s              the owner's ids in a sorted set, all with score 0: ids start with
                                        their creation time, so lexicographic order is creation order and a
                                        list cursor (`after` = an id) keeps working when that id is deleted
     events:{id}                        a stream (XADD) of the resource's events, read in order
     cancel:{id}                        the cancel flag that running jobs check between batches
+    progress:{id}                      a pair set's prompts done per shard (a hash: shard index -> count)
+    progress-event:{id}                held for a few seconds after a progress event: at most one per interval
     idem:{owner}:{sha256(key)}         the first response to an Idempotency-Key
 
 A record never holds an API key: `owner` is the key's sha256 (`owner_of`).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import threading
 import time
@@ -33,11 +36,15 @@ from core.errors import ConflictError, NotFoundError
 PREFIX = "miadpo:"
 DATASET = "dataset"
 PAIRSET = "pairset"
-ID_PREFIXES = {DATASET: "ds_", PAIRSET: "ps_"}
+TRAINING = "training"
+ID_PREFIXES = {DATASET: "ds_", PAIRSET: "ps_", TRAINING: "tr_"}
 
 DATASET_STATUSES = ("validating", "ready", "failed")
 PAIRSET_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAIRSET_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TRAINING_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TRAINING_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = {PAIRSET: PAIRSET_TERMINAL, TRAINING: TRAINING_TERMINAL}  # statuses after which a record never changes
 
 # Crockford base32 in lower case: digits sort before letters, so ids sort like their timestamps.
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -98,6 +105,14 @@ def events_key(resource_id: str) -> str:
 
 def _cancel_key(resource_id: str) -> str:
     return f"{PREFIX}cancel:{resource_id}"
+
+
+def _progress_key(resource_id: str) -> str:
+    return f"{PREFIX}progress:{resource_id}"
+
+
+def _progress_event_key(resource_id: str) -> str:
+    return f"{PREFIX}progress-event:{resource_id}"
 
 
 def _dump(record: Record) -> str:
@@ -175,7 +190,8 @@ def update(
 def delete(r: Redis, kind: str, record: Record) -> None:
     """Remove a record, its owner index entry, its events and its cancel flag."""
     with r.pipeline() as pipe:
-        pipe.delete(record_key(kind, record["id"]), events_key(record["id"]), _cancel_key(record["id"]))
+        rid = record["id"]
+        pipe.delete(record_key(kind, rid), events_key(rid), _cancel_key(rid), _progress_key(rid))
         pipe.zrem(_owner_key(record["owner"], kind), record["id"])
         pipe.execute()
 
@@ -356,11 +372,95 @@ def set_pairset_status(
     return update(r, PAIRSET, pairset_id, mutate, event=event)
 
 
-def request_cancel(r: Redis, pairset_id: str, owner: str) -> Record:
-    """Raise the cancel flag; a pair set that has not started is cancelled at once.
+def start_pairset(r: Redis, pairset_id: str, *, total: int, num_shards: int) -> Record:
+    """`queued` -> `running` in stage `generate` with progress {0, total}; the record keeps `num_shards`
+    (not shown by the API) for `core.jobs.stop_pairset`. A re-run on a running pair set keeps its progress;
+    one that has finished (cancelled in the meantime) is left alone."""
 
-    ConflictError when it has already finished. A running one is cancelled by its jobs, which check
-    `cancel_requested` between batches (and are stopped by `core.jobs.stop_pairset`).
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] == "running" and rec.get("num_shards") == num_shards:
+            return None
+        if rec["status"] not in ("queued", "running"):
+            return None
+        if rec["status"] == "queued":
+            rec.update(status="running", stage="generate", progress={"done": 0, "total": total}, started_at=now())
+        rec["num_shards"] = num_shards
+        return rec
+
+    def event(rec: Record) -> tuple[str, dict[str, Any]]:
+        return "status", {"status": rec["status"], "stage": rec["stage"], "error": rec["error"]}
+
+    return update(r, PAIRSET, pairset_id, mutate, event=event)
+
+
+def set_pairset_stage(r: Redis, pairset_id: str, stage: str, **fields: Any) -> Record:
+    """Move a running pair set to `stage` (and set `fields`), with a `stage` event; else leave it alone."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] != "running":
+            return None
+        rec.update(stage=stage, **fields)
+        return rec
+
+    return update(r, PAIRSET, pairset_id, mutate, event=lambda rec: ("stage", {"stage": rec["stage"]}))
+
+
+def report_shard_progress(r: Redis, pairset_id: str, shard: int, done: int, *, event_every_s: float = 2.0) -> Record:
+    """Shard `shard` has finished `done` of its prompts: update `progress.done`; return the record.
+
+    Each shard's count is a field of one hash, overwritten (HSET), never added to: a shard re-run after
+    its worker died counts its prompts once. `progress.done` is the sum over shards, written under
+    WATCH and never lowered, so shard jobs on different workers cannot undo each other's updates; a
+    pair set that is no longer running is not touched (the caller sees its status and stops). At most
+    one `progress` event per `event_every_s`, whichever shard reports.
+    """
+    key = _progress_key(pairset_id)
+    with r.pipeline() as pipe:
+        pipe.hset(key, str(shard), done)
+        pipe.expire(key, _CANCEL_TTL_S)
+        pipe.hvals(key)
+        total_done = sum(int(v) for v in pipe.execute()[-1])
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] != "running" or total_done <= rec["progress"]["done"]:
+            return None
+        rec["progress"] = {**rec["progress"], "done": total_done}
+        return rec
+
+    rec = update(r, PAIRSET, pairset_id, mutate)
+    if rec["status"] == "running" and r.set(_progress_event_key(pairset_id), 1, nx=True, px=int(event_every_s * 1000)):
+        append_event(r, pairset_id, "progress", dict(rec["progress"]))
+    return rec
+
+
+def shard_progress(r: Redis, pairset_id: str) -> dict[int, int]:
+    """Prompts done per shard index, as the shard jobs last reported them."""
+    raw: dict[Any, Any] = r.hgetall(_progress_key(pairset_id))
+    return {int(k): int(v) for k, v in raw.items()}
+
+
+def finish_pairset(r: Redis, pairset_id: str, counts: dict[str, Any]) -> Record:
+    """A running pair set `succeeded` in stage `done` with its final counts (left alone if it was cancelled)."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] != "running":
+            return None
+        rec.update(status="succeeded", stage="done", counts=counts, finished_at=now())
+        rec["progress"] = {**rec["progress"], "done": rec["progress"]["total"]}
+        return rec
+
+    def event(rec: Record) -> tuple[str, dict[str, Any]]:
+        return "status", {"status": rec["status"], "stage": rec["stage"], "error": rec["error"], "counts": rec["counts"]}
+
+    return update(r, PAIRSET, pairset_id, mutate, event=event)
+
+
+def request_cancel(r: Redis, pairset_id: str, owner: str) -> Record:
+    """Raise the cancel flag and mark the pair set `cancelled` at once (queued or running).
+
+    ConflictError when it has already finished. Its jobs are stopped by `core.jobs.stop_pairset`; a
+    running shard job sees the flag (or the status) at its next batch and stops without a retry, and
+    its progress is no longer recorded.
     """
     rec = get(r, PAIRSET, pairset_id, owner)
     if rec["status"] in PAIRSET_TERMINAL:
@@ -369,12 +469,189 @@ def request_cancel(r: Redis, pairset_id: str, owner: str) -> Record:
         )
     r.set(_cancel_key(pairset_id), "1", ex=_CANCEL_TTL_S)
     append_event(r, pairset_id, "cancel_requested", {})
-    return set_pairset_status(r, pairset_id, "cancelled", allowed_from=("queued",))
+    return set_pairset_status(r, pairset_id, "cancelled")
 
 
 def cancel_requested(r: Redis, resource_id: str) -> bool:
     """Whether a cancel was asked for: jobs call this between batches."""
     return bool(r.exists(_cancel_key(resource_id)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainings
+
+
+def new_training(
+    owner: str,
+    *,
+    pairset_id: str,
+    model: str,
+    hyperparameters: dict[str, Any],
+    checkpoint_every: int,
+    training_id: str | None = None,
+) -> Record:
+    """A queued training record; `hyperparameters` is the full set (defaults filled in)."""
+    return {
+        "id": training_id or new_id(TRAINING),
+        "object": "training",
+        "pairset_id": pairset_id,
+        "model": model,
+        "hyperparameters": hyperparameters,
+        "checkpoint_every": checkpoint_every,
+        "status": "queued",
+        "progress": {"step": 0, "total_steps": hyperparameters.get("max_steps") or 0},
+        "metrics": {},
+        "checkpoints": {"count": 0, "last_step": None},
+        "adapter": None,
+        "error": None,
+        "created_at": now(),
+        "started_at": None,
+        "finished_at": None,
+        "owner": owner,
+    }
+
+
+def _training_status(rec: Record) -> tuple[str, dict[str, Any]]:
+    return "status", {"status": rec["status"], "progress": rec["progress"], "error": rec["error"]}
+
+
+def set_training_status(
+    r: Redis,
+    training_id: str,
+    status: str,
+    *,
+    error: dict[str, str] | None = None,
+    allowed_from: tuple[str, ...] = ("queued", "running"),
+) -> Record:
+    """Move a training to `status` if it is in one of `allowed_from` (a terminal one never changes again)."""
+    if status not in TRAINING_STATUSES:
+        raise ValueError(f"status must be one of {TRAINING_STATUSES}, got {status!r}")
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] not in allowed_from or rec["status"] == status:
+            return None
+        rec["status"] = status
+        if error is not None:
+            rec["error"] = error
+        if status == "running" and rec.get("started_at") is None:
+            rec["started_at"] = now()
+        if status in TRAINING_TERMINAL:
+            rec["finished_at"] = now()
+        return rec
+
+    return update(r, TRAINING, training_id, mutate, event=_training_status)
+
+
+def start_training(r: Redis, training_id: str, *, step: int) -> Record:
+    """A training job begins: `queued` -> `running`, at `step` (0, or the checkpoint it resumes from).
+
+    A re-run of a running training (its worker died) goes back to the step of the checkpoint it resumes
+    from, with a `resumed` event: the steps after it are done again. A finished training is left alone.
+    """
+    before: list[str] = []
+
+    def mutate(rec: Record) -> Record | None:
+        before[:] = [rec["status"]]
+        if rec["status"] not in ("queued", "running"):
+            return None
+        if rec["status"] == "queued":
+            rec.update(status="running", started_at=now())
+        rec["progress"] = {**rec["progress"], "step": step}
+        return rec
+
+    def event(rec: Record) -> tuple[str, dict[str, Any]]:
+        return _training_status(rec) if before == ["queued"] else ("resumed", {"step": step})
+
+    return update(r, TRAINING, training_id, mutate, event=event)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """JSON has no NaN or infinity: such a metric (a diverged loss) is left out."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def report_training_step(
+    r: Redis, training_id: str, *, step: int, total_steps: int, metrics: dict[str, Any], event: dict[str, Any] | None = None
+) -> Record:
+    """A running training finished optimizer step `step`: its progress and latest metrics; with `event`
+    (extra data), a `step` event in the same write. A training that is no longer running is not touched."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] != "running":
+            return None
+        rec.update(progress={"step": step, "total_steps": total_steps}, metrics=_finite(metrics))
+        return rec
+
+    def step_event(rec: Record) -> tuple[str, dict[str, Any]]:
+        return "step", {**(event or {}), **rec["progress"], "metrics": rec["metrics"]}
+
+    return update(r, TRAINING, training_id, mutate, event=step_event if event is not None else None)
+
+
+def report_training_checkpoint(r: Redis, training_id: str, *, step: int, count: int, metrics: dict[str, Any]) -> Record:
+    """A complete checkpoint of `step` is in the store (`count` of them now), with a `checkpoint` event.
+    Also recorded for a cancelled training: a cancel saves the step it stopped at."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] not in ("running", "cancelled"):
+            return None
+        rec["checkpoints"] = {"count": count, "last_step": step}
+        return rec
+
+    def event(rec: Record) -> tuple[str, dict[str, Any]]:
+        return "checkpoint", {"step": step, "metrics": _finite(metrics)}
+
+    return update(r, TRAINING, training_id, mutate, event=event)
+
+
+def finish_training(
+    r: Redis, training_id: str, *, step: int, total_steps: int, metrics: dict[str, Any], adapter: dict[str, Any]
+) -> Record:
+    """A running training `succeeded`: its last step, final metrics and adapter {size_bytes, url}."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec["status"] != "running":
+            return None
+        rec.update(
+            status="succeeded",
+            progress={"step": step, "total_steps": total_steps},
+            adapter=adapter,
+            finished_at=now(),
+        )
+        if metrics:
+            rec["metrics"] = _finite(metrics)
+        return rec
+
+    return update(r, TRAINING, training_id, mutate, event=_training_status)
+
+
+def request_training_cancel(r: Redis, training_id: str, owner: str) -> Record:
+    """Raise the cancel flag and mark the training `cancelled` at once (queued or running).
+
+    ConflictError when it has already finished. A queued job is dropped (`core.jobs.stop_training`); a
+    running one sees the flag after its current optimizer step, saves a checkpoint of it and stops.
+    """
+    rec = get(r, TRAINING, training_id, owner)
+    if rec["status"] in TRAINING_TERMINAL:
+        raise ConflictError(
+            f"training {training_id} is already {rec['status']}", code="training_finished", param="id"
+        )
+    r.set(_cancel_key(training_id), "1", ex=_CANCEL_TTL_S)
+    append_event(r, training_id, "cancel_requested", {})
+    return set_training_status(r, training_id, "cancelled")
+
+
+def link_training(r: Redis, pairset_id: str, training_id: str) -> str:
+    """Record `training_id` as the training a pair set's `train` started, unless it has one already;
+    return the one it has now (so a re-run of the job that chains the training never starts two)."""
+
+    def mutate(rec: Record) -> Record | None:
+        if rec.get("training_id"):
+            return None
+        rec["training_id"] = training_id
+        return rec
+
+    return str(update(r, PAIRSET, pairset_id, mutate)["training_id"])
 
 
 # --------------------------------------------------------------------------------------------------

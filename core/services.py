@@ -20,6 +20,12 @@ a minute. Each retry uses up one of `job_retry_max`, and the failure callback re
 A work horse killed under a live worker (OOM) is caught at once by its worker; RQ then retries it
 without calling the failure callback, so `MiadpoWorker` calls it (the resource is failed once retries
 run out). A work horse dies with its worker (PR_SET_PDEATHSIG): a job is never run twice at once.
+
+A worker serving the `gpu` queue is a `MiadpoSimpleWorker`: RQ's non-forking worker, so that the model
+a shard job loads stays loaded for the next shard (`workers.tasks` caches it per process). It has the
+same timings (`FastRecoveryMixin`); with no work horse to watch, a thread of its own heartbeats the
+running job and runs the registry maintenance. Stopping one of its jobs is cooperative: the job checks
+its pair set's cancel flag between batches (RQ's stop command only marks the job as stopped).
 """
 
 from __future__ import annotations
@@ -34,18 +40,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
+from rq import SimpleWorker, Worker
 from rq.callbacks import execute_failure_callback
 from rq.exceptions import AbandonedJobError
+from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as rq_now
+from rq.worker import WorkerStatus
 
 from core.errors import FatalError
-from core.jobs import QUEUES, get_queue
+from core.jobs import CPU, GPU, QUEUES, TRAIN, get_queue
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,25 +88,33 @@ def run_api(settings: Settings, *, host: str, port: int) -> int:
 # worker
 
 
-class MiadpoWorker(Worker):
-    """RQ's forking worker, tuned so that abandoned jobs come back fast (see the module docstring)."""
+class FastRecoveryMixin:
+    """The abandoned-job timings shared by our workers (see the module docstring); mixed in before RQ's class."""
 
     heartbeat_grace_s = 15
+    job_monitoring_interval: int
 
     def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
-        # RQ adds a fixed 60 s to every heartbeat; that margin is what decides how long a dead worker's
-        # job stays "started". A few missed heartbeats' worth is enough.
+        # RQ adds a fixed 60 s to every heartbeat (SimpleWorker: the whole job timeout); that margin is
+        # what decides how long a dead worker's job stays "started". A few missed heartbeats' worth is enough.
         if job.timeout and job.timeout > 0:
             left = max(1, int(job.timeout - working_time))
             return min(left, self.job_monitoring_interval) + self.heartbeat_grace_s
         return self.job_monitoring_interval + self.heartbeat_grace_s
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
-        super().maintain_heartbeats(job, execution)
+        super().maintain_heartbeats(job, execution)  # type: ignore[misc]
         # RQ runs maintenance only between jobs: with every worker busy on long jobs, nobody would look
         # for a dead worker's job until one of them finished.
-        if self.should_run_maintenance_tasks:
-            self.run_maintenance_tasks()
+        if self.should_run_maintenance_tasks:  # type: ignore[attr-defined]
+            self.maintenance_while_busy()
+
+    def maintenance_while_busy(self) -> None:
+        self.run_maintenance_tasks()  # type: ignore[attr-defined]
+
+
+class MiadpoWorker(FastRecoveryMixin, Worker):
+    """RQ's forking worker, tuned so that abandoned jobs come back fast (see the module docstring)."""
 
     def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
@@ -122,13 +141,61 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def make_worker(settings: Settings, queues: list[str], connection: Redis | None = None) -> MiadpoWorker:
-    """A worker on `queues` with the abandoned-job timings from `settings`."""
+class MiadpoSimpleWorker(FastRecoveryMixin, SimpleWorker):
+    """RQ's non-forking worker with the same timings: jobs run in this process, so what they cache (a
+    loaded model) outlives them. A heartbeat thread stands in for the forking worker's horse monitor."""
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:  # a Redis blip: the next beat tries again
+                    self.log.exception("heartbeat of job %s failed", job.id)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            thread.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def maintenance_while_busy(self) -> None:
+        # From the heartbeat thread, only what finds a dead worker's job: the started-job registries. Their
+        # cleanup runs the failure callback under a death penalty, and RQ's default one (SIGALRM) works only
+        # in the main thread, which is running the job: a timer-based one works here. The rest of the
+        # maintenance (other registries, the scheduler check, which may fork) waits for the main loop.
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():
+                try:
+                    StartedJobRegistry(
+                        queue.name,
+                        connection=self.connection,
+                        job_class=self.job_class,
+                        serializer=self.serializer,
+                        death_penalty_class=TimerDeathPenalty,
+                    ).cleanup(exception_handlers=self._exc_handlers)
+                finally:
+                    queue.release_maintenance_lock()
+        self.last_cleaned_at = rq_now()  # type: ignore[assignment]
+
+
+def make_worker(
+    settings: Settings, queues: list[str], connection: Redis | None = None
+) -> MiadpoWorker | MiadpoSimpleWorker:
+    """A worker on `queues` with the abandoned-job timings from `settings`: non-forking when it serves
+    `gpu` (the model stays loaded between shard jobs), forking otherwise."""
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
         raise ValueError(f"--queues must be a comma list of {', '.join(QUEUES)}, got {','.join(queues)!r}")
     connection = connection or Redis.from_url(settings.redis_url)
-    worker = MiadpoWorker(
+    worker_class = MiadpoSimpleWorker if GPU in queues else MiadpoWorker
+    worker = worker_class(
         [get_queue(connection, q) for q in queues],
         connection=connection,
         worker_ttl=settings.worker_ttl_s,
@@ -146,6 +213,29 @@ def run_worker(settings: Settings, queues: list[str], *, burst: bool = False) ->
     import workers.tasks  # noqa: F401  (imported once here, so every forked job starts warm)
 
     # The scheduler moves retries with a backoff interval back to their queue when they are due.
+    worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    return 0
+
+
+def run_trainer(settings: Settings, *, burst: bool = False) -> int:
+    """The trainer (DESIGN 3.3): a forking `MiadpoWorker` on the `train` queue only, one training at a time.
+
+    Forking, unlike the gpu worker: each training runs in a fresh work horse, so all its (GPU) memory is
+    given back when it ends, and a horse that dies (SIGKILL, OOM) is caught at once by its worker, a
+    trainer that dies by the abandoned-job timings above. Either way the retry resumes the training from
+    its latest complete checkpoint (`trainer.tasks`). SIGTERM waits for the running training to finish;
+    a trainer killed before that (a container stop) loses only the steps since its last checkpoint.
+    """
+    configure_logging(settings)
+    worker = make_worker(settings, [TRAIN])
+    # torch, transformers, TRL and peft imported once here, so every forked training starts warm.
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+
+    import trainer.tasks  # noqa: F401
+    import trainer.train  # noqa: F401
+    import workers.tasks  # noqa: F401  (the job callbacks)
+
     worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
     return 0
 
@@ -212,8 +302,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def run_up(settings: Settings, *, host: str, port: int, data_dir: Path | None = None) -> int:
-    """The whole stack on one machine: Redis (REDIS_URL if it answers, else our own), the API and one
-    worker for every queue, each in its own process; Ctrl-C or SIGTERM stops everything started here."""
+    """The whole stack on one machine: Redis (REDIS_URL if it answers, else our own), the API, one
+    worker for the cpu and gpu queues and the trainer (train queue), each in its own process; Ctrl-C or
+    SIGTERM stops everything started here."""
     configure_logging(settings)
     data_dir = (data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +338,9 @@ def run_up(settings: Settings, *, host: str, port: int, data_dir: Path | None = 
             print(f"MIADPO_API_KEYS is not set; this run accepts the API key: {key}", flush=True)
         cli = [sys.executable, "-m", "core.cli"]
         started.append(subprocess.Popen([*cli, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True))
-        started.append(subprocess.Popen([*cli, "worker", "--queues", ",".join(QUEUES)], env=env, start_new_session=True))
-        print(f"miadpo up: API on http://{host}:{port}, worker on {','.join(QUEUES)}; Ctrl-C stops", flush=True)
+        started.append(subprocess.Popen([*cli, "worker", "--queues", f"{CPU},{GPU}"], env=env, start_new_session=True))
+        started.append(subprocess.Popen([*cli, "trainer"], env=env, start_new_session=True))
+        print(f"miadpo up: API on http://{host}:{port}, worker on {CPU},{GPU}, trainer on {TRAIN}; Ctrl-C stops", flush=True)
         while not stop_requested:
             dead = [p for p in started if p.poll() is not None]
             if dead:

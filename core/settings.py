@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     ingest_timeout_s: int = Field(3600, gt=0, description="Longest an ingest job may run (s).")
     pairset_timeout_s: int = Field(6 * 3600, gt=0, description="Longest one pair-set job may run (s).")
+    training_timeout_s: int = Field(
+        3 * 24 * 3600, gt=0, description="Longest one training job may run (s); a retry resumes from its last checkpoint."
+    )
     worker_job_monitoring_interval_s: int = Field(
         5, gt=0, description="How often a busy worker heartbeats its running job (s)."
     )

@@ -232,7 +232,14 @@ class MergeResult:
     num_pairs: int
 
 
-def merge_and_export(shard_paths: Sequence[Path], config: PipelineConfig, out_dir: Path, load: Loader, rows_per_shard: int = 500) -> MergeResult:
+def merge_and_export(
+    shard_paths: Sequence[Path],
+    config: PipelineConfig,
+    out_dir: Path,
+    load: Loader,
+    rows_per_shard: int = 500,
+    on_stage: Callable[[str], None] | None = None,
+) -> MergeResult:
     """Post-select over the whole pair set and export the survivors with their dataset card.
 
     Args:
@@ -241,10 +248,13 @@ def merge_and_export(shard_paths: Sequence[Path], config: PipelineConfig, out_di
         out_dir: export folder (data/*.parquet, README.md, histograms/).
         load: image loader; the pair images are rendered again from their recipes.
         rows_per_shard: rows per parquet shard.
+        on_stage: called with "select" before the statistics pass and "export" before the export pass.
 
     Returns:
         Counts, fences and per-format pair counts.
     """
+    if on_stage is not None:
+        on_stage("select")
     # Pass 1: the statistics of every pair (a few floats each) and the counts.
     stats: list[PairStats] = []
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -263,6 +273,8 @@ def merge_and_export(shard_paths: Sequence[Path], config: PipelineConfig, out_di
             stats.append(PairStats(**rec["stats"]))
     fences = fit_fences(stats, config.post_selection)
 
+    if on_stage is not None:
+        on_stage("export")
     # Pass 2: filter, render and write the survivors.
     removed: Counter[str] = Counter({name: 0 for name in FILTERS})
     per_format: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -316,8 +328,9 @@ def merge_and_export(shard_paths: Sequence[Path], config: PipelineConfig, out_di
     return MergeResult(counts=summary, fences=fences, per_format={f: dict(c) for f, c in per_format.items()}, num_pairs=writer.num_rows)
 
 
-def make_backend(config: PipelineConfig, handle: Any) -> GenerationBackend:
-    """The configured generation backend (vllm and openai are imported only when chosen)."""
+def make_backend(config: PipelineConfig, handle: Any, *, api_key: str | None = None) -> GenerationBackend:
+    """The configured generation backend (vllm and openai are imported only when chosen); `api_key` is
+    the bearer key of the openai backend's server, if it wants one."""
     if config.backend == "hf":
         from workers.backends.hf import HFBackend
 
@@ -325,7 +338,7 @@ def make_backend(config: PipelineConfig, handle: Any) -> GenerationBackend:
     if config.backend == "openai":
         from workers.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(base_url=config.base_url or "", model=config.model)
+        return OpenAIBackend(base_url=config.base_url or "", model=config.model, api_key=api_key)
     from workers.backends.vllm import VLLMBackend
 
     return VLLMBackend(config.model)

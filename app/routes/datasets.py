@@ -41,7 +41,7 @@ _UPLOAD_BODY = {
                             "format": "binary",
                             "description": "A .zip / .tar(.gz) with the rows and images, or a .json/.jsonl/.parquet file.",
                         },
-                        "name": {"type": "string", "maxLength": 200},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 200},
                         "format": {"type": "string", "enum": ["llava", "jsonl", "parquet"]},
                     },
                 }
@@ -84,7 +84,7 @@ def _start_ingest(redis: Redis, store: ArtifactStore, settings: Settings, owner:
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     openapi_extra=_UPLOAD_BODY,
-    responses={409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}},
 )
 def create_dataset(
     key: CurrentKey,

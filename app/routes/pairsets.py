@@ -1,23 +1,25 @@
-"""Pair sets: start the pipeline on a ready dataset, follow it, cancel it (DESIGN 3.1)."""
+"""Pair sets: start the pipeline on a ready dataset, follow it, cancel it, preview its pairs and download
+the export (DESIGN 3.1). The pipeline itself runs in the workers (`workers.tasks`); the export is read
+here with pyarrow only (`core.exports`)."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from redis import Redis
 
-from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep
+from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
+from app.downloads import BINARY as _BINARY
+from app.downloads import JSON_ERRORS as _JSON_ERRORS
+from app.downloads import ArchiveResponse, archive_responses
+from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
-from app.schemas import ErrorResponse, EventList, PairSet, PairSetCreate, PairSetList
-from core import jobs, records
+from app.schemas import ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
+from core import exports, jobs, records
 from core.errors import ConflictError, NotFoundError
 from core.settings import Settings
+from core.store import ArtifactStore
 
 router = APIRouter(
     prefix="/v1/pairsets",
@@ -25,18 +27,7 @@ router = APIRouter(
     responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
 PairSetId = Annotated[str, Path(min_length=1, max_length=64, description="The pair set's id (ps_...).")]
-
-_SSE_BLOCK_MS = 1000
-_SSE_BATCH = 100
-_SSE_KEEPALIVE_S = 15.0
-_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The events as JSON, or, with `Accept: text/event-stream`, streamed as server-sent events "
-        "(`id`, `event` = type, `data` = the event as JSON) until the pair set has finished.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    },
-    404: {"model": ErrorResponse},
-}
+PairUid = Annotated[str, Path(max_length=64, pattern=r"^\d+-\d+$", description="A pair's uid (`{seed}-{index}`).")]
 
 
 def _start_pairset(redis: Redis, settings: Settings, owner: str, body: PairSetCreate) -> dict[str, Any]:
@@ -102,27 +93,13 @@ def get_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep) -> dict
     return records.get(redis, records.PAIRSET, pairset_id, key.owner)
 
 
-@router.get("/{pairset_id}/events", response_model=EventList, responses=_EVENTS_RESPONSES)
+@router.get("/{pairset_id}/events", response_model=EventList, responses=events_responses("pair set"))
 def list_pairset_events(
-    request: Request,
-    pairset_id: PairSetId,
-    key: CurrentKey,
-    redis: RedisDep,
-    settings: SettingsDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Events per page.")] = 100,
-    after: Annotated[str | None, Query(max_length=64, pattern=r"^\d+-\d+$", description="Cursor: an event id.")] = None,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, pattern=r"^\d+-\d+$")] = None,
+    request: Request, pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, settings: SettingsDep, query: EventsQueryDep
 ) -> Any:
     """The pair set's events in order (stage changes, warnings, errors); `Accept: text/event-stream` streams them."""
     records.get(redis, records.PAIRSET, pairset_id, key.owner)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(
-            _stream_events(settings.redis_url, pairset_id, last_event_id or after),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    events, has_more = records.read_events(redis, pairset_id, after=after, limit=limit)
-    return {"object": "list", "data": events, "has_more": has_more}
+    return events_response(request, redis, settings.redis_url, records.PAIRSET, pairset_id, query)
 
 
 @router.post(
@@ -131,48 +108,76 @@ def list_pairset_events(
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 def cancel_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep) -> dict[str, Any]:
-    """Cancel a pair set: at once if it has not started, else its jobs stop at their next check (409 once finished)."""
+    """Cancel a pair set: it is cancelled at once, queued jobs are dropped and running ones stop at their next batch (409 once finished)."""
     record = records.request_cancel(redis, pairset_id, key.owner)
     jobs.stop_pairset(redis, pairset_id)
     return record
 
 
-def _entries(reply: Any) -> list[dict[str, Any]]:
-    """The events of an XREAD reply on one stream ([[stream, entries]], or empty)."""
-    return records.decode_entries(reply[0][1]) if reply else []
+class PngResponse(Response):
+    media_type = "image/png"
 
 
-def _sse(event: dict[str, Any]) -> str:
-    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+_FINISHED_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}}
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The image, as exported.", "content": {"image/png": _BINARY}},
+    **_JSON_ERRORS,
+}
+_DOWNLOAD_RESPONSES = archive_responses("The export as .tar.gz: data/*.parquet, README.md (the dataset card), histograms/.")
 
 
-async def _stream_events(redis_url: str, pairset_id: str, after: str | None) -> AsyncIterator[str]:
-    """Server-sent events from the pair set's stream until it is finished (or deleted).
+def _export(redis: Redis, store: ArtifactStore, pairset_id: str, owner: str) -> Any:
+    """The export folder of a pair set of yours that has succeeded (409 before then: there is none yet)."""
+    record = records.get(redis, records.PAIRSET, pairset_id, owner)
+    if record["status"] != "succeeded":
+        raise ConflictError(
+            f"pair set {pairset_id} is {record['status']}: pairs exist once it has succeeded",
+            code="pairset_not_succeeded",
+            param="id",
+        )
+    return exports.export_dir(store, pairset_id)
 
-    A connection of its own, opened in the event loop that serves the stream, blocks in XREAD without
-    holding a worker thread.
-    """
-    client = aioredis.Redis.from_url(redis_url)
-    stream, key = records.events_key(pairset_id), records.record_key(records.PAIRSET, pairset_id)
-    last = after or "0-0"
-    quiet_since = time.monotonic()
-    try:
-        while True:
-            raw = await client.get(key)
-            # A terminal status and its event are written in one transaction: once the record says
-            # finished, everything is in the stream and one last read without blocking drains it.
-            finished = raw is None or json.loads(raw)["status"] in records.PAIRSET_TERMINAL
-            block = None if finished else _SSE_BLOCK_MS
-            events = _entries(await client.xread({stream: last}, count=_SSE_BATCH, block=block))
-            for event in events:
-                last = event["id"]
-                yield _sse(event)
-            if finished and len(events) < _SSE_BATCH:
-                return
-            if events:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= _SSE_KEEPALIVE_S:
-                quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-    finally:
-        await client.aclose()
+
+@router.get("/{pairset_id}/pairs", response_model=PairList, responses=_FINISHED_RESPONSES)
+def list_pairs(
+    pairset_id: PairSetId,
+    key: CurrentKey,
+    redis: RedisDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Pairs per page.")] = 20,
+    after: Annotated[str | None, Query(max_length=64, pattern=r"^\d+-\d+$", description="Cursor: the last uid of the previous page.")] = None,
+) -> dict[str, Any]:
+    """A page of the exported pairs, in order, with their metadata and image URLs (once the pair set has succeeded)."""
+    rows, has_more = exports.preview_page(_export(redis, store, pairset_id, key.owner), limit=limit, after=after)
+    for row in rows:
+        row["image_urls"] = [f"/v1/pairsets/{pairset_id}/pairs/{row['uid']}/images/{k}" for k in range(row["n_images"])]
+    return {"object": "list", "data": rows, "has_more": has_more}
+
+
+@router.get(
+    "/{pairset_id}/pairs/{uid}/images/{index}",
+    response_class=PngResponse,
+    responses=_IMAGE_RESPONSES,
+)
+def get_pair_image(
+    pairset_id: PairSetId,
+    uid: PairUid,
+    index: Annotated[int, Path(ge=0, le=64, description="0-based position of the image in the prompt.")],
+    key: CurrentKey,
+    redis: RedisDep,
+    store: StoreDep,
+) -> Response:
+    """One image of an exported pair, PNG."""
+    data = exports.pair_image(_export(redis, store, pairset_id, key.owner), uid, index)
+    if data is None:
+        raise NotFoundError(f"pair set {pairset_id} has no image {index} of pair {uid}", code="image_not_found", param="uid")
+    return PngResponse(data, headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/{pairset_id}/download", response_class=ArchiveResponse, responses=_DOWNLOAD_RESPONSES)
+def download_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, store: StoreDep) -> ArchiveResponse:
+    """The export as one .tar.gz (parquet shards, dataset card, histograms); `Range` requests resume a download."""
+    export = _export(redis, store, pairset_id, key.owner)
+    # Built on the first download and kept; the merge removes it when it writes a new export.
+    path = exports.build_archive(export, exports.archive_path(store, pairset_id), root=pairset_id)
+    return ArchiveResponse(path, media_type=ArchiveResponse.media_type, filename=f"{pairset_id}.tar.gz")

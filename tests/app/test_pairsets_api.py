@@ -47,7 +47,7 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
     assert config["augmentation"] == {"num": 100, "formats": ["sequence", "grid", "pic_in_pic"], "mix": None}
     assert config["generation"] == {
         "max_new_tokens": 512, "num_candidates": 1, "temperature": 0.0, "top_p": 1.0, "batch_size": 8,
-        "backend": "hf", "base_url": None,
+        "backend": None, "base_url": None,
     }  # fmt: skip
     assert config["selection"] == {"preset": "paper", "thresholds": None}
     assert config["post_selection"] == {"k": 1.5, "perplexity": True, "length_ratio": True, "edit_distance": True}
@@ -68,14 +68,16 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         "post_selection": {"k": 3, "edit_distance": False},
         "seed": 7,
         "shard_size": 50,
-        "train": {"epochs": 1},
+        "train": {"hyperparameters": {"num_epochs": 1, "lora_r": 8}, "checkpoint_every": 10},
     }
     r = create(client, body)
     assert r.status_code == 201, r.text
     config = r.json()["config"]
     assert config["selection"]["thresholds"] == {"grid": {"9": 0.35}}
     assert config["augmentation"]["mix"] == {"formats": None, "sequence_counts": None, "grid_counts": {"2": 1.0, "9": 1.0}}
-    assert config["train"] == {"epochs": 1}
+    train = config["train"]  # the training schema, defaults filled in
+    assert (train["model"], train["checkpoint_every"]) == (None, 10)
+    assert (train["hyperparameters"]["num_epochs"], train["hyperparameters"]["lora_r"], train["hyperparameters"]["beta"]) == (1, 8, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -186,11 +188,13 @@ def test_cancel_a_queued_pairset(client: TestClient, redis_client: Redis, datase
 
 def test_cancel_a_running_pairset_raises_the_flag(client: TestClient, redis_client: Redis, dataset_id: str) -> None:
     ps = create(client, {"dataset_id": dataset_id}).json()
-    records.set_pairset_status(redis_client, ps["id"], "running", stage="generate")
+    records.start_pairset(redis_client, ps["id"], total=100, num_shards=1)
+    jobs.enqueue_pairset_shards(redis_client, ps["id"], 1, settings=client.app.state.settings)  # type: ignore[attr-defined]
     got = client.post(f"/v1/pairsets/{ps['id']}/cancel", headers=AUTH_A).json()
-    # Running jobs see the flag between batches and end it as cancelled themselves.
-    assert got["status"] == "running" and records.cancel_requested(redis_client, ps["id"])
-    records.set_pairset_status(redis_client, ps["id"], "cancelled")
+    # Cancelled at once; running shard jobs see the flag between batches and stop without a retry.
+    assert got["status"] == "cancelled" and records.cancel_requested(redis_client, ps["id"])
+    for job_id in (jobs.pairset_shard_job_id(ps["id"], 0), jobs.pairset_merge_job_id(ps["id"])):
+        assert Job.fetch(job_id, connection=redis_client).get_status() == "canceled"
     assert client.post(f"/v1/pairsets/{ps['id']}/cancel", headers=AUTH_A).status_code == 409
     # A finished pair set never changes status again.
     records.set_pairset_status(redis_client, ps["id"], "failed", error={"code": "x", "message": "y"})

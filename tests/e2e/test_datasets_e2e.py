@@ -64,7 +64,7 @@ def wait_until_done(client: httpx.Client, path: str, pending: str, timeout: floa
     return wait_for(done, timeout, f"{path} to leave {pending}", interval=0.2)  # type: ignore[return-value]
 
 
-def test_upload_ingest_ownership_and_pairset_placeholder(api: httpx.Client, tmp_path: Path) -> None:
+def test_upload_ingest_ownership_and_a_cancelled_pairset(api: httpx.Client, tmp_path: Path) -> None:
     r = api.post("/v1/datasets", headers=A, files={"file": ("shapes.zip", sample_zip(tmp_path / "sample"))}, data={"name": "shapes"})
     assert r.status_code == 201, r.text
     good = r.json()
@@ -94,16 +94,18 @@ def test_upload_ingest_ownership_and_pairset_placeholder(api: httpx.Client, tmp_
     listed = api.get("/v1/datasets", headers=A).json()["data"]
     assert [d["id"] for d in listed] == [evil["id"], good["id"]]
 
-    # A pair set on the ready dataset: the pipeline is a placeholder for now, which fails it visibly;
+    # A pair set on the ready dataset starts (no gpu worker here: its shards wait) and is cancelled;
     # the event stream follows it to the end over real HTTP.
     r = api.post("/v1/pairsets", headers=A, json={"dataset_id": good["id"], "augmentation": {"num": 10}})
     assert r.status_code == 201, r.text
     ps = r.json()
+    assert wait_until_done(api, f"/v1/pairsets/{ps['id']}", "queued")["status"] == "running"
+    assert api.post(f"/v1/pairsets/{ps['id']}/cancel", headers=A).json()["status"] == "cancelled"
     with api.stream("GET", f"/v1/pairsets/{ps['id']}/events", headers={**A, "Accept": "text/event-stream"}) as stream:
         text = "".join(stream.iter_text())
-    assert "event: created" in text and '"status":"failed"' in text
+    assert "event: created" in text and '"status":"running"' in text and '"status":"cancelled"' in text
     done = api.get(f"/v1/pairsets/{ps['id']}", headers=A).json()
-    assert done["status"] == "failed" and done["error"]["code"] == "not_implemented"
+    assert done["status"] == "cancelled" and done["error"] is None
     assert api.get(f"/v1/pairsets/{ps['id']}", headers=B).status_code == 404
 
     # Deleting the dataset removes its files.

@@ -15,6 +15,7 @@ import pytest
 from redis import Redis
 from rq.command import send_stop_job_command
 from rq.job import Job
+from rq.worker import Worker
 
 from core import jobs, records
 from core.services import free_port
@@ -79,6 +80,36 @@ def test_a_job_whose_worker_was_killed_is_rerun_by_another(services, tmp_path: P
     send_stop_job_command(conn, "sleepy")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and SIGKILL")
+def test_a_busy_gpu_worker_requeues_a_dead_workers_job(services, tmp_path: Path, redis_url: str) -> None:
+    """gpu workers do not fork: while the survivor's only thread of control runs a long job, its heartbeat
+    thread must still find the dead worker's job and run its failure callback (which needs a death
+    penalty that works outside the main thread)."""
+    url = redis_db(redis_url, 6)
+    conn = Redis.from_url(url)
+    conn.flushdb()
+    settings = Settings(data_dir=tmp_path, redis_url=url, job_retry_intervals=[0])
+    jobs.enqueue(conn, settings, jobs.GPU, "time.sleep", 60, job_id="busy", timeout=300)
+    survivor = services(["worker", "--queues", "gpu"], service_env(tmp_path, url, **FAST))
+    wait_for(lambda: _job(conn, "busy").get_status() == "started", 60, "the survivor to start its long job")
+    doomed = services(["worker", "--queues", "gpu"], service_env(tmp_path, url, **FAST))
+    jobs.enqueue(conn, settings, jobs.GPU, "time.sleep", 60, job_id="abandoned", timeout=300, resource=("dataset", "ds_x"))
+    wait_for(lambda: _job(conn, "abandoned").get_status() == "started", 60, "the doomed worker to start its job")
+    doomed.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def requeued() -> bool:
+        job = _job(conn, "abandoned")
+        return job.get_status() == "queued" and job.retries_left == 2
+
+    wait_for(requeued, 30, "the busy survivor to requeue the abandoned job", interval=0.2)
+    print(f"abandoned job requeued {time.monotonic() - killed_at:.1f} s after its worker was killed, by a busy worker")
+    assert _job(conn, "busy").get_status() == "started"  # so it was the survivor's heartbeat thread
+    events, _ = records.read_events(conn, "ds_x")
+    assert [(e["type"], e["data"]["error"]) for e in events] == [("retry", "AbandonedJobError")]
+    survivor.kill(signal.SIGKILL)
+
+
 def _dataset(conn: Redis) -> dict:
     record = records.new_dataset("owner", dataset_id=records.new_id(records.DATASET), name=None, format=None, upload="x")
     return records.create(conn, records.DATASET, record)
@@ -134,7 +165,9 @@ def test_up_starts_redis_api_and_worker_and_stops_them_all(tmp_path: Path) -> No
             r = httpx.get(f"{base}/v1/datasets", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200, r.text
             up_redis = Redis(port=redis_port)
-            wait_for(lambda: len(up_redis.smembers("rq:workers")) == 1, 20, "the worker to register")
+            wait_for(lambda: len(up_redis.smembers("rq:workers")) == 2, 30, "the worker and the trainer to register")
+            queues = sorted(",".join(q.name for q in w.queues) for w in Worker.all(connection=up_redis))
+            assert queues == ["cpu,gpu", "train"]
             up.send_signal(signal.SIGTERM)
             assert up.wait(30) == 0, log.read_text()
         finally:
