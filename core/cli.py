@@ -159,14 +159,10 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the service exists: sample data -> offline augmentation, on the embedded default."""
-    from workers.sample_data import write_sample_data
+    """The main job over the HTTP API on the bundled sample data, ending with a downloaded adapter."""
+    from core.demo import run_demo
 
-    root = Path(args.out)
-    dataset = write_sample_data(root / "sample-data", num_samples=48, seed=0).parent
-    print(f"sample data: {dataset}")
-    ns = argparse.Namespace(dataset=str(dataset), out=str(root / "augmented"), formats="sequence,grid,pic_in_pic", num=args.num, seed=0)
-    return cmd_augment(ns)
+    return run_demo(Path(args.out), url=args.url, api_key=args.api_key)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -230,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=200)
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("demo", help="Run the main job on the bundled sample data.")
-    p.add_argument("--out", default="data/demo", help="Where the demo writes.")
-    p.add_argument("--num", type=int, default=24, help="Augmented samples to render.")
+    p = sub.add_parser("demo", help="Run the main job on the bundled sample data, through the HTTP API.")
+    p.add_argument("--out", default="data/demo", help="Where the demo writes (stack data, sample data, adapter).")
+    p.add_argument("--url", default=None, help="Use a running stack at this URL instead of starting one.")
+    p.add_argument("--api-key", default=None, help="API key for --url.")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("api", help="Serve the HTTP API.")
