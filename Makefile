@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -196,7 +196,7 @@ def _judge(recipe: Recipe, prompt: PromptInput, cands: list[Candidate], probes: 
                 "num_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
                 "ratio": ratio,
-                "perplexity": p.perplexity,
+                "perplexity": None if math.isnan(p.perplexity) else p.perplexity,  # nan: empty answer
                 "hallucinated": v.hallucinated,
                 "reason": v.reason,
             }
@@ -230,6 +230,40 @@ class MergeResult:
     fences: Fences
     per_format: dict[str, dict[int, int]]
     num_pairs: int
+
+
+def _outcome(rec: dict, fences: Fences) -> str:
+    """"exported", "no_pair" (selection found no rejected answer) or the post-selection filter that removed it."""
+    if rec["stats"] is None:
+        return "no_pair"
+    return fences.reason(PairStats(**rec["stats"])) or "exported"
+
+
+def _explanation(rec: dict, outcome: str) -> dict:
+    recipe = rec["recipe"]
+    return {
+        "uid": rec["uid"],
+        "format": recipe["format"],
+        "n_images": len(recipe["images"]),
+        "target_index": recipe["target_index"],
+        "threshold": rec["threshold"],
+        "outcome": outcome,
+        "rejected": rec["rejected"],
+        "stats": rec["stats"],
+        "candidates": rec["candidates"],
+    }
+
+
+def _add_pair(writer: ShardWriter, rec: dict, s: PairStats, load: Loader) -> None:
+    recipe = Recipe.from_dict(rec["recipe"])
+    rejected = rec["candidates"][rec["rejected"]]
+    writer.add(
+        ExportPair(
+            uid=recipe.uid, source_id=recipe.sample_id, format=recipe.format, target_index=recipe.target_index,
+            prompt=recipe.prompt, images=render_recipe(recipe, load), chosen=recipe.answer, rejected=rejected["text"],
+            attention_ratio=rejected["ratio"], perplexity=s.perplexity, length_ratio=s.length_ratio, edit_distance=s.edit_distance,
+        )
+    )
 
 
 def merge_and_export(
@@ -280,25 +314,20 @@ def merge_and_export(
     per_format: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     writer = ShardWriter(out_dir, rows_per_shard=rows_per_shard)
     kept_stats: list[PairStats] = []
-    for rec in read_records(shard_paths):
-        if rec["stats"] is None:
-            continue
-        s = PairStats(**rec["stats"])
-        reason = fences.reason(s)
-        if reason is not None:
-            removed[reason] += 1
-            continue
-        recipe = Recipe.from_dict(rec["recipe"])
-        rejected = rec["candidates"][rec["rejected"]]
-        writer.add(
-            ExportPair(
-                uid=recipe.uid, source_id=recipe.sample_id, format=recipe.format, target_index=recipe.target_index,
-                prompt=recipe.prompt, images=render_recipe(recipe, load), chosen=recipe.answer, rejected=rejected["text"],
-                attention_ratio=rejected["ratio"], perplexity=s.perplexity, length_ratio=s.length_ratio, edit_distance=s.edit_distance,
-            )
-        )
-        per_format[recipe.format][recipe.n_images] += 1
-        kept_stats.append(s)
+    # Why each prompt has a pair or not: every candidate's ratio, perplexity and verdict, and the
+    # post-selection outcome; shipped with the export (candidates.jsonl) and described in the card.
+    with atomic_writer(Path(out_dir) / "candidates.jsonl", "w") as explain:
+        for rec in read_records(shard_paths):
+            outcome = _outcome(rec, fences)
+            explain.write(json.dumps(_explanation(rec, outcome), ensure_ascii=False) + "\n")
+            if outcome != "exported":
+                if outcome in removed:
+                    removed[outcome] += 1
+                continue
+            s = PairStats(**rec["stats"])
+            _add_pair(writer, rec, s, load)
+            per_format[rec["recipe"]["format"]][len(rec["recipe"]["images"])] += 1
+            kept_stats.append(s)
     writer.close()
     summary = {
         "prompts": counts["prompts"],

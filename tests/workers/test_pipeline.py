@@ -102,3 +102,19 @@ def test_dpo_trainer_takes_the_export_as_is(pairs_run, tmp_path, tiny_model_sett
         if "lora_" not in name:
             base = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(param, before[base]), name
+
+
+def test_candidates_file_explains_every_prompt(pairs_run):
+    import json
+
+    rows = [json.loads(line) for line in (pairs_run / "export" / "candidates.jsonl").read_text().splitlines()]
+    counts = _card_counts((pairs_run / "export" / "README.md").read_text())
+    assert len(rows) == counts["prompts"]
+    outcomes = [r["outcome"] for r in rows]
+    assert outcomes.count("exported") == counts["pairs"]
+    assert outcomes.count("no_pair") == counts["prompts"] - counts["selected_pairs"]
+    for r in rows:
+        reasons = [c["reason"] for c in r["candidates"]]
+        assert ("kept" in reasons) == (r["outcome"] != "no_pair")
+        for c in r["candidates"]:
+            assert c["hallucinated"] == (c["ratio"] is not None and c["ratio"] <= r["threshold"])
