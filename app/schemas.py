@@ -174,6 +174,7 @@ class TrainingSpec(_Request):
 
 AugmentFormat = Literal["sequence", "grid", "pic_in_pic"]
 _ALL_FORMATS: list[AugmentFormat] = ["sequence", "grid", "pic_in_pic"]
+_NOISE_FORMATS: list[AugmentFormat] = ["grid", "pic_in_pic"]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -220,6 +221,18 @@ class Generation(_Request):
         pattern=r"^https?://",
         description="The OpenAI-compatible server (backend openai); default: the deployment's (MIADPO_OPENAI_BASE_URL).",
     )
+    noise_std: float = Field(
+        0.0,
+        ge=0,
+        le=255,
+        description="Gaussian noise (std, pixel units) on the target region of the images the model answers, "
+        "to provoke more hallucinations; the exported pairs keep the clean images. 0: none.",
+    )
+    noise_formats: list[AugmentFormat] = Field(
+        default_factory=lambda: list(_NOISE_FORMATS),
+        max_length=3,
+        description="Formats whose prompts get the noise (the official code: grid and pic-in-pic).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Generation:
@@ -227,6 +240,8 @@ class Generation(_Request):
             raise ValueError("num_candidates > 1 needs temperature > 0 (greedy gives identical candidates)")
         if self.base_url is not None and self.backend != "openai":
             raise ValueError("base_url is only used by the openai backend")
+        if len(set(self.noise_formats)) != len(self.noise_formats):
+            raise ValueError("noise_formats must not repeat")
         return self
 
 

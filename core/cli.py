@@ -130,6 +130,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         backend=args.backend,
         base_url=args.base_url,
         shard_size=args.shard_size,
+        noise_std=args.noise_std,
+        noise_formats=tuple(_csv(args.noise_formats)),
     )
     store, dataset_id, _ = ingest_local(Path(args.dataset))
     samples = read_samples(store, dataset_id)  # type: ignore[arg-type]
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hf", help="hf, vllm or openai.")
     p.add_argument("--base-url", default=None, help="openai backend: server URL ending in /v1.")
     p.add_argument("--shard-size", type=int, default=200)
+    p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise (std, 0..255) on the target region the model sees; 0: none.")
+    p.add_argument("--noise-formats", default="grid,pic_in_pic", help="Comma list of formats that get the noise.")
     p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("demo", help="Run the main job on the bundled sample data, through the HTTP API.")

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from core.dataset import Sample
 from core.store import atomic_writer
 from workers.attention import ProbeResult, probe, recipe_ratio
@@ -32,8 +34,10 @@ from workers.postselect import (
     fit_fences,
     normalised_edit_distance,
 )
-from workers.render import Loader, render_recipe, target_box
+from workers.render import Loader, perturb_target, render_recipe, target_box
 from workers.select import SelectionConfig, select
+
+NOISE_FORMATS: tuple[str, ...] = ("grid", "pic_in_pic")  # what the official code perturbs
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,13 @@ class PipelineConfig:
     backend: str = field(default="hf", metadata={"help": "hf | vllm | openai."})
     base_url: str | None = field(default=None, metadata={"help": "openai backend: the server's /v1 URL."})
     shard_size: int = field(default=200, metadata={"help": "Prompts per shard job."})
+    noise_std: float = field(
+        default=0.0,
+        metadata={"help": "Gaussian noise (std, 0..255 pixel units) on the target region of the images generation sees; 0: none."},
+    )
+    noise_formats: tuple[str, ...] = field(
+        default=NOISE_FORMATS, metadata={"help": "Formats whose prompts get the noise (official code: grid, pic-in-pic)."}
+    )
 
     def __post_init__(self) -> None:
         if self.num < 1:
@@ -65,6 +76,10 @@ class PipelineConfig:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        if not 0 <= self.noise_std <= 255:  # also refuses nan
+            raise ValueError(f"noise_std must be in [0, 255], got {self.noise_std}")
+        if set(self.noise_formats) - set(FORMATS) or len(set(self.noise_formats)) != len(self.noise_formats):
+            raise ValueError(f"noise_formats must be distinct formats of {FORMATS}, got {list(self.noise_formats)}")
 
     @property
     def effective_mix(self) -> AugmentMix:
@@ -74,6 +89,7 @@ class PipelineConfig:
         d = asdict(self)
         d["mix"] = self.mix.to_dict()
         d["formats"] = list(self.formats)
+        d["noise_formats"] = list(self.noise_formats)
         d["selection"] = {"preset": self.selection.preset, "thresholds": {f: dict(t) for f, t in self.selection.thresholds.items()}}
         return d
 
@@ -83,8 +99,9 @@ class PipelineConfig:
         sel = d.pop("selection", {}) or {}
         thresholds = {f: {int(k): float(v) for k, v in t.items()} for f, t in (sel.get("thresholds") or {}).items()}
         return cls(
-            **{k: v for k, v in d.items() if k not in ("mix", "generation", "post_selection", "formats", "layers")},
+            **{k: v for k, v in d.items() if k not in ("mix", "generation", "post_selection", "formats", "layers", "noise_formats")},
             formats=tuple(d.get("formats", FORMATS)),
+            noise_formats=tuple(d.get("noise_formats", NOISE_FORMATS)),
             mix=AugmentMix.from_dict(d["mix"]) if d.get("mix") else AugmentMix(),
             generation=GenerationConfig(**(d.get("generation") or {})),
             selection=SelectionConfig(preset=sel.get("preset", "paper"), thresholds=thresholds),
@@ -124,6 +141,18 @@ def _candidate_probes(handle: Any, prompts: Sequence[PromptInput], cands: list[l
     return out  # type: ignore[return-value]
 
 
+def _generation_images(recipe: Recipe, config: PipelineConfig, load: Loader) -> list[Image.Image]:
+    """The images generation and the attention pass see: the render, with noise on the target when asked.
+
+    Only here: the export renders the recipe again, clean. The model is trained on the real images; the
+    noise only provokes the hallucinated answers that become the rejected side of the pairs.
+    """
+    images = render_recipe(recipe, load)
+    if config.noise_std > 0 and recipe.format in config.noise_formats:
+        images = perturb_target(images, recipe, config.noise_std, config.seed)
+    return images
+
+
 def process_shard(
     samples: Sequence[Sample],
     config: PipelineConfig,
@@ -156,7 +185,7 @@ def process_shard(
     records: list[dict] = []
     for b in range(0, len(recipes), gen.batch_size):
         batch = recipes[b : b + gen.batch_size]
-        prompts = [PromptInput(r.uid, r.prompt, render_recipe(r, load)) for r in batch]
+        prompts = [PromptInput(r.uid, r.prompt, _generation_images(r, config, load)) for r in batch]
         cands = backend.generate(prompts, replace(gen, seed=gen.seed + config.seed * 1_000_003 + start + b))
         probes = _candidate_probes(handle, prompts, cands, config.layers, batch_size=gen.batch_size)
         for recipe, prompt, row, row_probes in zip(batch, prompts, cands, probes, strict=True):
@@ -257,6 +286,7 @@ def _explanation(rec: dict, outcome: str) -> dict:
 def _add_pair(writer: ShardWriter, rec: dict, s: PairStats, load: Loader) -> None:
     recipe = Recipe.from_dict(rec["recipe"])
     rejected = rec["candidates"][rec["rejected"]]
+    # The clean render, even when generation saw noise (`noise_std`): the pairs teach the real images.
     writer.add(
         ExportPair(
             uid=recipe.uid, source_id=recipe.sample_id, format=recipe.format, target_index=recipe.target_index,

@@ -4,6 +4,7 @@ Geometry is pure arithmetic on the image sizes recorded in the recipe, so the at
 grid cell or the pic-in-pic inset to patches without decoding anything, and the renderer draws exactly
 those boxes. Rendering uses a fixed resampling filter and no randomness: the same recipe gives the same
 bytes (with the same Pillow), wherever it is rendered (generation, attention pass, export, training).
+The one random thing, `perturb_target` (generation's optional noise), is seeded by the recipe's uid.
 
 Where the time goes (bench/augment.py), per grid collage from 640x480 JPEGs: JPEG decode ~1.7 ms and
 the resize into the 448 px cell per image (Pillow's BICUBIC: ~4 ms; the same antialiased bicubic filter
@@ -284,6 +285,42 @@ def render_recipe(
         clock.lap("compose")
         return [canvas]
     raise ValueError(f"unknown format {recipe.format!r}")
+
+
+def perturb_target(images: list[Image.Image], recipe: Recipe, std: float, seed: int) -> list[Image.Image]:
+    """The rendered images with seeded Gaussian noise on the target region only (DESIGN 2.3).
+
+    Noise hides the target's details from the model, so that its answer leans on the other images: more
+    hallucinated candidates to reject (the official code perturbs grid and pic-in-pic prompts this way).
+
+    Args:
+        images: `render_recipe(recipe, ...)`'s output; not modified.
+        recipe: decides the region: grid -> the target's pasted image (not the white rest of its cell),
+            pic_in_pic -> the inset, sequence -> the whole target image.
+        std: standard deviation in pixel units (0..255); the result is rounded and clipped to 0..255.
+        seed: combined with a stable hash of `recipe.uid`, so the same pair set gives the same bytes
+            on any worker, in any shard or batch order.
+
+    Returns:
+        New RGB images, one per input image.
+    """
+    if not 0 <= std <= 255:  # also refuses nan
+        raise ValueError(f"std must be in [0, 255], got {std}")
+    out = [_rgb(im.copy()) for im in images]
+    if std == 0:
+        return out
+    if recipe.format == "sequence":
+        index, box = recipe.target_index, (0, 0, *out[recipe.target_index].size)
+    else:
+        boxes = image_boxes(recipe)
+        assert boxes is not None
+        index, box = 0, boxes[recipe.target_index]
+    # SeedSequence takes non-negative ints: the seed's two's complement (64 bits) and the uid's crc32.
+    rng = np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, zlib.crc32(recipe.uid.encode())])
+    region = np.asarray(out[index].crop(box), dtype=np.float64)
+    noisy = np.clip(np.rint(region + rng.normal(0.0, std, region.shape)), 0, 255).astype(np.uint8)
+    out[index].paste(Image.fromarray(noisy), box[:2])
+    return out
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

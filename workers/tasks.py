@@ -47,6 +47,7 @@ from workers.augment import AugmentMix
 from workers.generate import GenerationBackend, GenerationConfig
 from workers.models import ModelHandle, load_model
 from workers.pipeline import (
+    NOISE_FORMATS,
     PipelineConfig,
     make_backend,
     merge_and_export,
@@ -158,6 +159,9 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
             backend=backend,
             base_url=base_url,
             shard_size=request["shard_size"],
+            # Records made before noise existed have neither key: no noise.
+            noise_std=gen.get("noise_std", 0.0),
+            noise_formats=tuple(gen.get("noise_formats", NOISE_FORMATS)),
         )
     except ValueError as exc:
         raise UserError(f"invalid pair-set configuration: {exc}", code="invalid_config") from None

@@ -47,7 +47,7 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
     assert config["augmentation"] == {"num": 100, "formats": ["sequence", "grid", "pic_in_pic"], "mix": None}
     assert config["generation"] == {
         "max_new_tokens": 512, "num_candidates": 1, "temperature": 0.0, "top_p": 1.0, "batch_size": 8,
-        "backend": None, "base_url": None,
+        "backend": None, "base_url": None, "noise_std": 0.0, "noise_formats": ["grid", "pic_in_pic"],
     }  # fmt: skip
     assert config["selection"] == {"preset": "paper", "thresholds": None}
     assert config["post_selection"] == {"k": 1.5, "perplexity": True, "length_ratio": True, "edit_distance": True}
@@ -63,7 +63,8 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         "dataset_id": dataset_id,
         "model": "llava-hf/llava-1.5-7b-hf",
         "augmentation": {"num": 1000, "formats": ["grid", "sequence"], "mix": {"grid_counts": {"2": 1, "9": 1}}},
-        "generation": {"num_candidates": 4, "temperature": 0.7, "top_p": 0.9, "backend": "openai", "base_url": "http://vllm:8000/v1"},
+        "generation": {"num_candidates": 4, "temperature": 0.7, "top_p": 0.9, "backend": "openai", "base_url": "http://vllm:8000/v1",
+                       "noise_std": 25, "noise_formats": ["grid"]},
         "selection": {"preset": "official_code", "thresholds": {"grid": {"9": 0.35}}},
         "post_selection": {"k": 3, "edit_distance": False},
         "seed": 7,
@@ -74,6 +75,7 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
     assert r.status_code == 201, r.text
     config = r.json()["config"]
     assert config["selection"]["thresholds"] == {"grid": {"9": 0.35}}
+    assert (config["generation"]["noise_std"], config["generation"]["noise_formats"]) == (25.0, ["grid"])
     assert config["augmentation"]["mix"] == {"formats": None, "sequence_counts": None, "grid_counts": {"2": 1.0, "9": 1.0}}
     train = config["train"]  # the training schema, defaults filled in
     assert (train["model"], train["checkpoint_every"]) == (None, 10)
@@ -93,6 +95,10 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         ({"generation": {"num_candidates": 3}}, "generation", "value_error"),
         ({"generation": {"backend": "tgi"}}, "generation.backend", "literal_error"),
         ({"generation": {"base_url": "http://x"}}, "generation", "value_error"),
+        ({"generation": {"noise_std": -1}}, "generation.noise_std", "greater_than_equal"),
+        ({"generation": {"noise_std": 300}}, "generation.noise_std", "less_than_equal"),
+        ({"generation": {"noise_formats": ["collage"]}}, "generation.noise_formats.0", "literal_error"),
+        ({"generation": {"noise_formats": ["grid", "grid"]}}, "generation", "value_error"),
         ({"selection": {"preset": "mine"}}, "selection.preset", "literal_error"),
         ({"selection": {"thresholds": {"grid": {"5": 0.5}}}}, "selection", "value_error"),
         ({"selection": {"thresholds": {"grid": {"4": 1.5}}}}, "selection.thresholds.grid.4", "less_than_equal"),

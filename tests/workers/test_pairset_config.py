@@ -30,7 +30,8 @@ def test_every_field_reaches_its_stage(tmp_path: Path) -> None:
     request = _stored(
         model="tiny-qwen2.5-vl",
         augmentation={"num": 30, "formats": ["grid", "sequence"], "mix": {"grid_counts": {"2": 1, "9": 3}}},
-        generation={"max_new_tokens": 16, "num_candidates": 2, "temperature": 0.7, "top_p": 0.9, "batch_size": 4},
+        generation={"max_new_tokens": 16, "num_candidates": 2, "temperature": 0.7, "top_p": 0.9, "batch_size": 4,
+                    "noise_std": 30, "noise_formats": ["sequence", "grid"]},
         selection={"preset": "official_code", "thresholds": {"grid": {"9": 0.35}}},
         post_selection={"k": 3, "edit_distance": False},
         seed=11,
@@ -47,8 +48,18 @@ def test_every_field_reaches_its_stage(tmp_path: Path) -> None:
         selection=SelectionConfig(preset="official_code", thresholds={"grid": {9: 0.35}}),
         post_selection=PostSelectionConfig(k=3.0, edit_distance=False),
         shard_size=7,
+        noise_std=30.0,
+        noise_formats=("sequence", "grid"),
     )
     assert config.selection.threshold("grid", 9) == 0.35 and config.selection.threshold("grid", 2) == 0.7
+
+
+def test_a_record_from_before_noise_gets_none(tmp_path: Path) -> None:
+    stored = _stored(generation={"noise_std": 30})
+    for key in ("noise_std", "noise_formats"):
+        del stored["generation"][key]
+    config = pipeline_config(stored, Settings(data_dir=tmp_path))
+    assert (config.noise_std, config.noise_formats) == (0.0, ("grid", "pic_in_pic"))
 
 
 def test_a_request_without_a_backend_gets_the_deployments(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,6 +24,7 @@ from workers.render import (
     image_boxes,
     label_image,
     open_image,
+    perturb_target,
     pip_inset_box,
     render_recipe,
     store_loader,
@@ -279,3 +282,75 @@ def test_label_glyphs_are_cached():
     assert label_image(3) is label_image(3)
     mask, (dx, dy) = label_image(9)
     assert mask.mode == "L" and dy < 0 < mask.height and mask.width > 100
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+
+def _noise_cases(store: ArtifactStore) -> list[tuple[Recipe, int, tuple[int, int, int, int]]]:
+    """(recipe, index of the perturbed image, its perturbed box) for each format."""
+    images = [put(store, (64 + 16 * i, 48), COLOURS[i], f"s{i}") for i in range(4)]
+    grid = recipe("grid", images, 2)
+    bg, tg = put(store, (320, 240), COLOURS[5], "bg"), put(store, (60, 90), COLOURS[6], "tg")
+    pip = recipe("pic_in_pic", [bg, tg], 1, "For the image in the center")
+    seq = recipe("sequence", images[:3], 1)
+    return [
+        (grid, 0, image_boxes(grid)[2]),  # the pasted image, not the white rest of its cell
+        (pip, 0, pip_inset_box((320, 240), (60, 90))),
+        (seq, 1, (0, 0, 80, 48)),
+    ]
+
+
+def _changed(a: Image.Image, b: Image.Image) -> np.ndarray:
+    """Mask of the pixels (rows, cols) that differ between two same-size images."""
+    return (np.asarray(a) != np.asarray(b)).any(axis=2)
+
+
+def test_noise_lands_on_the_target_region_only(store):
+    load = store_loader(store)
+    for rec, index, (left, top, right, bottom) in _noise_cases(store):
+        clean = render_recipe(rec, load)
+        before = [encode_png(im) for im in clean]
+        noisy = perturb_target(clean, rec, 40.0, seed=7)
+        assert [encode_png(im) for im in clean] == before  # the inputs are not touched
+        assert len(noisy) == len(clean) and all(n is not c for n, c in zip(noisy, clean, strict=True))
+        for i, (n, c) in enumerate(zip(noisy, clean, strict=True)):
+            assert n.size == c.size and n.mode == "RGB"
+            changed = _changed(n, c)
+            if i != index:
+                assert not changed.any(), (rec.format, i)
+                continue
+            inside = np.zeros_like(changed)
+            inside[top:bottom, left:right] = True
+            assert not changed[~inside].any(), rec.format
+            assert changed[inside].mean() > 0.9, rec.format  # std 40: nearly every pixel moves
+            diff = np.asarray(n, dtype=float)[top:bottom, left:right] - np.asarray(c, dtype=float)[top:bottom, left:right]
+            assert 30 < diff.std() < 45, rec.format  # clipping at 0/255 trims it a little
+
+
+def test_noise_is_seeded_by_seed_and_uid(store):
+    load = store_loader(store)
+    for rec, _, _ in _noise_cases(store):
+        clean = render_recipe(rec, load)
+        first = [encode_png(im) for im in perturb_target(clean, rec, 25.0, seed=3)]
+        # Same (seed, uid), a fresh render (as another worker would make it): the same bytes.
+        assert [encode_png(im) for im in perturb_target(render_recipe(rec, load), rec, 25.0, seed=3)] == first
+        assert [encode_png(im) for im in perturb_target(clean, rec, 25.0, seed=4)] != first
+        other_uid = dataclasses.replace(rec, uid="0-0000001")
+        assert [encode_png(im) for im in perturb_target(clean, other_uid, 25.0, seed=3)] != first
+
+
+def test_zero_noise_gives_the_same_pixels_as_new_images(store):
+    load = store_loader(store)
+    for rec, _, _ in _noise_cases(store):
+        clean = render_recipe(rec, load)
+        out = perturb_target(clean, rec, 0.0, seed=1)
+        assert [encode_png(im) for im in out] == [encode_png(im) for im in clean]
+        assert all(o is not c for o, c in zip(out, clean, strict=True))
+
+
+@pytest.mark.parametrize("std", [-1.0, 256.0, float("nan")])
+def test_noise_std_out_of_range_is_refused(store, std):
+    rec, _, _ = _noise_cases(store)[0]
+    with pytest.raises(ValueError, match="std"):
+        perturb_target(render_recipe(rec, store_loader(store)), rec, std, seed=0)
