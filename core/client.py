@@ -32,7 +32,8 @@ class ApiError(RuntimeError):
         super().__init__(f"{status} {err.get('type', 'error')}: {err.get('message', body)}")
 
 
-def _zip_folder(folder: Path) -> bytes:
+def zip_folder(folder: Path) -> bytes:
+    """A folder as zip bytes, paths relative to it (how a dataset folder is uploaded)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # images are compressed already
         for path in sorted(folder.rglob("*")):
@@ -77,7 +78,7 @@ class Client:
         """Upload an archive or a dataset file; a folder is zipped on the fly."""
         path = Path(path)
         if path.is_dir():
-            filename, content = f"{path.name}.zip", _zip_folder(path)
+            filename, content = f"{path.name}.zip", zip_folder(path)
         else:
             filename, content = path.name, path.read_bytes()
         data = {"name": name} if name else {}

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from redis import Redis
 
+from core.client import zip_folder
 from core.services import free_port
 from tests.e2e.conftest import redis_db, service_env, wait_for
 from workers.sample_data import write_sample_data
@@ -27,12 +28,7 @@ def sample_zip(folder: Path) -> bytes:
     rows = json.loads(json_path.read_text())
     rows.append({"id": "broken", "image": "images/missing.jpg", "conversations": rows[0]["conversations"]})
     json_path.write_text(json.dumps(rows))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder).as_posix())
-    return buf.getvalue()
+    return zip_folder(folder)
 
 
 def zip_slip() -> bytes:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from rq.job import Job
 from rq.worker import Worker
 
 from core import jobs, records
+from core.client import zip_folder
 from core.exports import shard_path
 from core.services import free_port
 from core.store import ArtifactStore
@@ -63,14 +63,6 @@ class Stack:
     reference: dict[str, Any]
 
 
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder).as_posix())
-    return buf.getvalue()
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
@@ -98,7 +90,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the API to be ready")
         dataset_dir = root / "sample"
         write_sample_data(dataset_dir, num_samples=12, seed=0)
-        r = client.post("/v1/datasets", headers=A, files={"file": ("shapes.zip", _zip(dataset_dir))})
+        r = client.post("/v1/datasets", headers=A, files={"file": ("shapes.zip", zip_folder(dataset_dir))})
         assert r.status_code == 201, r.text
         dataset_id = r.json()["id"]
         wait_for(lambda: client.get(f"/v1/datasets/{dataset_id}", headers=A).json()["status"] == "ready", 30, "ingest")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
-import zipfile
 from pathlib import Path
 
 import httpx
 
+from core.client import zip_folder
 from core.services import free_port
 from tests.e2e.conftest import ROOT, redis_db, service_env, wait_for
 from workers.sample_data import write_sample_data
@@ -41,12 +40,7 @@ def test_readme_curl_examples_work(services, redis_url, tmp_path: Path) -> None:
     wait_for(lambda: client.get("/readyz").status_code == 200, 60, "the API")
 
     write_sample_data(tmp_path / "sd", num_samples=12, seed=0)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path in sorted((tmp_path / "sd").rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(tmp_path / "sd").as_posix())
-    (tmp_path / "sample.zip").write_bytes(buf.getvalue())
+    (tmp_path / "sample.zip").write_bytes(zip_folder(tmp_path / "sd"))
 
     shell_env = {"PATH": "/usr/bin:/bin", "URL": url, "KEY": KEY}
     paths = {"ds_": "/v1/datasets/", "ps_": "/v1/pairsets/", "tr_": "/v1/trainings/"}

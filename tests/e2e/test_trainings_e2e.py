@@ -15,7 +15,6 @@ import signal
 import sys
 import tarfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from redis import Redis
 from rq.job import Job
 
 from core import jobs
+from core.client import zip_folder
 from core.services import free_port
 from core.settings import Settings
 from tests.e2e.conftest import Service, redis_db, service_env, wait_for
@@ -66,14 +66,6 @@ class Stack:
         return service
 
 
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder).as_posix())
-    return buf.getvalue()
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
@@ -91,7 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         stack.trainer = stack.start(["trainer"], MIADPO_TEST_TRAINER="doomed")
         wait_for(lambda: stack.client.get("/readyz").status_code == 200, 30, "the API to be ready")
         write_sample_data(root / "sample", num_samples=12, seed=0)
-        r = stack.client.post("/v1/datasets", headers=A, files={"file": ("shapes.zip", _zip(root / "sample"))})
+        r = stack.client.post("/v1/datasets", headers=A, files={"file": ("shapes.zip", zip_folder(root / "sample"))})
         assert r.status_code == 201, r.text
         stack.dataset_id = r.json()["id"]
         wait_for(lambda: _get(stack, f"/v1/datasets/{stack.dataset_id}")["status"] == "ready", 30, "ingest")
