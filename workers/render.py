@@ -202,8 +202,9 @@ def resize_exact(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     if im.mode != "RGB" or min(im.size) < 2 or min(size) < 2:
         return im.resize(size, RESAMPLE, reducing_gap=REDUCING_GAP)  # torch's AA kernel wants >= 2 px
     src = torch.from_numpy(np.array(im)).permute(2, 0, 1).unsqueeze(0)  # a writable copy for torch
-    out = torch.nn.functional.interpolate(src, size=(size[1], size[0]), mode="bicubic", antialias=True)
-    return Image.fromarray(out[0].permute(1, 2, 0).contiguous().numpy())
+    planes = torch.nn.functional.interpolate(src, size=(size[1], size[0]), mode="bicubic", antialias=True)[0].numpy()
+    # The kernel returns planar channels; Pillow merges planes faster than numpy interleaves them.
+    return Image.merge("RGB", [Image.frombuffer("L", size, plane, "raw", "L", 0, 1) for plane in planes])
 
 
 def _fitted(load: Loader, ref: str, size: tuple[int, int], clock: _Clock, own: bool = False) -> Image.Image:
