@@ -6,12 +6,12 @@ those boxes. Rendering uses a fixed resampling filter and no randomness: the sam
 bytes (with the same Pillow), wherever it is rendered (generation, attention pass, export, training).
 The one random thing, `perturb_target` (generation's optional noise), is seeded by the recipe's uid.
 
-Where the time goes (bench/augment.py), per grid collage from 640x480 JPEGs: JPEG decode ~1.7 ms and
-the resize into the 448 px cell per image (Pillow's BICUBIC: ~4 ms; the same antialiased bicubic filter
-in torch's uint8 kernel, which we use: ~0.6 ms, within 1 of Pillow's values), then, when a sample is written, PNG encoding,
-the largest share. Decoding is cut with `Image.draft` (libjpeg's DCT scaling, 1/2 .. 1/8) whenever the
-cell needs at most half the source's size; `resize(reducing_gap=...)` does the same with `Image.reduce`
-for PNG or large sources; the white canvas with its labels is drawn once per grid size and copied;
+Where the time goes (bench/augment.py), per grid collage from 640x480 JPEGs: JPEG decode ~1.2 ms per
+source and its resize into the 448 px cell ~0.9 ms (torch's uint8 antialiased bicubic kernel: Pillow's
+filter, within 1 of Pillow's values, about 6x faster than `Image.resize`), then, when a sample is
+written, PNG encoding, the largest share. Decoding is cut with `Image.draft` (libjpeg's DCT scaling,
+1/2 .. 1/8) whenever the cell needs at most half the source's size; the white canvas with its labels is
+drawn once per grid size and copied;
 `encode_png` uses one cheap row filter instead of Pillow's per-row filter search.
 """
 
