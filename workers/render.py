@@ -3,7 +3,8 @@
 Geometry is pure arithmetic on the image sizes recorded in the recipe, so the attention stage can map a
 grid cell or the pic-in-pic inset to patches without decoding anything, and the renderer draws exactly
 those boxes. Rendering uses a fixed resampling filter and no randomness: the same recipe gives the same
-bytes (with the same Pillow), wherever it is rendered (generation, attention pass, export, training).
+bytes (same Pillow and torch, same CPU architecture), wherever it is rendered (generation, attention
+pass, export, training).
 The one random thing, `perturb_target` (generation's optional noise), is seeded by the recipe's uid.
 
 Where the time goes (bench/augment.py), per grid collage from 640x480 JPEGs: JPEG decode ~1.2 ms per
