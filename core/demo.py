@@ -44,15 +44,10 @@ def start_stack(data_dir: Path, console: Console) -> tuple[subprocess.Popen, str
     """`miadpo up` in the background with its own Redis; returns (process, url, api key)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port, key = free_port(), secrets.token_urlsafe(18)
-    env = dict(
-        os.environ,
-        MIADPO_DATA_DIR=str(data_dir.resolve()),
-        MIADPO_API_KEYS=key,
-        # A port nobody answers on: `up` then starts a redis-server of its own under the data dir.
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-        MIADPO_REDIS_URL="",
-    )
-    env.pop("MIADPO_REDIS_URL")
+    # A Redis URL nobody answers on (MIADPO_REDIS_URL would win over it, so it goes): `up` then starts a
+    # redis-server of its own under the data dir, and the demo never touches another Redis's data.
+    env = {k: v for k, v in os.environ.items() if k != "MIADPO_REDIS_URL"}
+    env.update(MIADPO_DATA_DIR=str(data_dir.resolve()), MIADPO_API_KEYS=key, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     log = open(data_dir / "stack.log", "ab")  # noqa: SIM115 (closed with the process by the OS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
