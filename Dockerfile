@@ -9,6 +9,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends redis-tools cur
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY cli cli
 COPY core core
 COPY app app
 COPY workers workers

@@ -38,8 +38,8 @@ from rq import Worker
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cli.services import free_port, start_redis  # noqa: E402
 from core.runtime import configure_libraries  # noqa: E402
-from core.services import free_port, start_redis  # noqa: E402
 
 KEY = "bench-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -130,7 +130,7 @@ class Stack:
     def start(self, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115 - the process owns it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "cli", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.procs.append(proc)
         return proc
@@ -188,7 +188,7 @@ def _warm_up(root: Path) -> None:
 
 def _miadpo_pairs(root: Path, dataset: Path) -> float:
     """`miadpo pairs` in this process (the pipeline steps in one process), same data, config and seed."""
-    from core.cli import main as cli
+    from cli.main import main as cli
 
     args = ["pairs", "--dataset", str(dataset), "--out", str(root / "pairs"), "--num", str(PIPELINE["num"])]
     args += ["--max-new-tokens", str(PIPELINE["max_new_tokens"]), "--batch-size", str(PIPELINE["batch_size"])]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 
-from core.services import free_port
+from cli.services import free_port
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ A pair set is three kinds of job (DESIGN 3.2), all enqueued by `core.jobs`:
     pairset-{id}-shard-{i:05d}   gpu  run_pairset_shard: recipes [start, stop) -> pairsets/{id}/shards/{i:05d}.jsonl
     pairset-{id}-merge           cpu  merge_pairset, once every shard succeeded: post-selection and export
 
-Shard jobs run on non-forking workers (`core.services.MiadpoSimpleWorker`) and keep the model they
+Shard jobs run on non-forking workers (`cli.services.MiadpoSimpleWorker`) and keep the model they
 loaded for the next shard of the same model (`_model_for`). They stop at their next batch when the
 pair set is cancelled or has failed in another job (`PairSetStopped`, never retried).
 """

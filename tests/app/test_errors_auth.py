@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from core.services import free_port
+from cli.services import free_port
 from core.settings import Settings
 from tests.app.conftest import AUTH_A
 

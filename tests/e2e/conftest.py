@@ -29,13 +29,13 @@ def service_env(data_dir: Path, redis_url: str, **extra: str) -> dict[str, str]:
 
 
 class Service:
-    """A `python -m core.cli ...` subprocess in its own process group, its output in a log file."""
+    """A `python -m cli ...` subprocess in its own process group, its output in a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=env,
             cwd=ROOT,
             stdout=self._fh,

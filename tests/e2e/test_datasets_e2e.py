@@ -11,8 +11,8 @@ import httpx
 import pytest
 from redis import Redis
 
+from cli.services import free_port
 from core.client import zip_folder
-from core.services import free_port
 from tests.e2e.conftest import redis_db, service_env, wait_for
 from workers.sample_data import write_sample_data
 

@@ -26,10 +26,10 @@ from redis import Redis
 from rq.job import Job
 from rq.worker import Worker
 
+from cli.services import free_port
 from core import jobs, records
 from core.client import zip_folder
 from core.exports import shard_path
-from core.services import free_port
 from core.store import ArtifactStore
 from tests.e2e.conftest import ROOT, Service, redis_db, service_env, wait_for
 from tests.e2e.test_workers_e2e import FAST
@@ -137,7 +137,7 @@ def _run_miadpo_pairs(stack: Stack, out: Path) -> subprocess.Popen:
     env = service_env(stack.data_dir, "redis://127.0.0.1:1/0")  # it needs no Redis
     args = ["--num", NUM, "--max-new-tokens", MAX_NEW_TOKENS, "--batch-size", BATCH_SIZE, "--shard-size", SHARD_SIZE, "--seed", SEED]
     return subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "pairs", "--dataset", str(stack.dataset_dir), "--out", str(out), *map(str, args)],
+        [sys.executable, "-m", "cli", "pairs", "--dataset", str(stack.dataset_dir), "--out", str(out), *map(str, args)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
+from cli.services import free_port
 from core.client import zip_folder
-from core.services import free_port
 from tests.e2e.conftest import ROOT, redis_db, service_env, wait_for
 from workers.sample_data import write_sample_data
 

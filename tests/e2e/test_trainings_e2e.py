@@ -25,9 +25,9 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
+from cli.services import free_port
 from core import jobs
 from core.client import zip_folder
-from core.services import free_port
 from core.settings import Settings
 from tests.e2e.conftest import Service, redis_db, service_env, wait_for
 from tests.e2e.test_workers_e2e import FAST, _pids_with_env

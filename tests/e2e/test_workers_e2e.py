@@ -17,8 +17,8 @@ from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.worker import Worker
 
+from cli.services import free_port
 from core import jobs, records
-from core.services import free_port
 from core.settings import Settings
 from tests.e2e.conftest import ROOT, redis_db, service_env, wait_for
 
@@ -149,7 +149,7 @@ def test_up_starts_redis_api_and_worker_and_stops_them_all(tmp_path: Path) -> No
     log = tmp_path / "up.log"
     with open(log, "wb") as fh:
         up = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
+            [sys.executable, "-m", "cli", "up", "--port", str(port)],
             env=env,
             cwd=ROOT,
             stdout=fh,

@@ -8,7 +8,7 @@ import re
 import pytest
 from datasets import load_dataset
 
-from core.cli import main
+from cli.main import main
 from core.settings import get_settings
 
 

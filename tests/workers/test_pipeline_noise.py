@@ -96,7 +96,7 @@ def test_noise_config_defaults_and_old_records():
 
 
 def test_pairs_command_takes_the_noise_flags(capsys):
-    from core.cli import build_parser, main
+    from cli.main import build_parser, main
 
     args = build_parser().parse_args(["pairs", "--dataset", "d", "--out", "o", "--noise-std", "20", "--noise-formats", "grid,sequence"])
     assert (args.noise_std, args.noise_formats) == (20.0, "grid,sequence")

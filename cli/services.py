@@ -336,7 +336,7 @@ def run_up(settings: Settings, *, host: str, port: int, data_dir: Path | None = 
             key = secrets.token_urlsafe(24)
             env["MIADPO_API_KEYS"] = key
             print(f"MIADPO_API_KEYS is not set; this run accepts the API key: {key}", flush=True)
-        cli = [sys.executable, "-m", "core.cli"]
+        cli = [sys.executable, "-m", "cli"]
         started.append(subprocess.Popen([*cli, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True))
         started.append(subprocess.Popen([*cli, "worker", "--queues", f"{CPU},{GPU}"], env=env, start_new_session=True))
         started.append(subprocess.Popen([*cli, "trainer"], env=env, start_new_session=True))

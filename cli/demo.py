@@ -22,9 +22,9 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli.services import free_port
 from core.client import Client
 from core.errors import FatalError
-from core.services import free_port
 
 # Small enough for a 2-core laptop in a few minutes, large enough that every format shows up.
 PAIRSET_REQUEST: dict[str, Any] = {
@@ -50,7 +50,7 @@ def start_stack(data_dir: Path, console: Console) -> tuple[subprocess.Popen, str
     env.update(MIADPO_DATA_DIR=str(data_dir.resolve()), MIADPO_API_KEYS=key, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     log = open(data_dir / "stack.log", "ab")  # noqa: SIM115 (closed with the process by the OS)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "cli", "up", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"

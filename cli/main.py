@@ -162,31 +162,31 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job over the HTTP API on the bundled sample data, ending with a downloaded adapter."""
-    from core.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(Path(args.out), url=args.url, api_key=args.api_key)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from core.services import run_api
+    from cli.services import run_api
 
     return run_api(get_settings(), host=args.host, port=args.port)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from core.services import run_worker
+    from cli.services import run_worker
 
     return run_worker(get_settings(), _csv(args.queues), burst=args.burst)
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
-    from core.services import run_trainer
+    from cli.services import run_trainer
 
     return run_trainer(get_settings(), burst=args.burst)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from core.services import run_up
+    from cli.services import run_up
 
     data_dir = Path(args.data_dir) if args.data_dir else None
     return run_up(get_settings(), host=args.host, port=args.port, data_dir=data_dir)
