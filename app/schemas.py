@@ -130,6 +130,7 @@ class TrainingHyperparameters(_Request):
     num_epochs: int = _hp("num_epochs", ge=1)
     per_device_batch_size: int = _hp("per_device_batch_size", ge=1)
     gradient_accumulation_steps: int = _hp("gradient_accumulation_steps", ge=1)
+    effective_batch_size: int | None = _hp("effective_batch_size", ge=1)
     warmup_ratio: float = _hp("warmup_ratio", ge=0, lt=1)
     lr_scheduler: str = _hp("lr_scheduler", json_schema_extra={"enum": list(LR_SCHEDULERS)})
     weight_decay: float = _hp("weight_decay", ge=0, allow_inf_nan=False)
@@ -163,10 +164,31 @@ class TrainingSpec(_Request):
     model: str | None = Field(
         None, min_length=1, max_length=512, description="The model to adapt; default: the pair set's model."
     )
+    preset: Literal["paper", "official_code"] = Field(
+        "paper",
+        description="Hyperparameters as the paper (3 epochs, NLL weight 0.1) or the official script (1 epoch, NLL "
+        "weight 0, effective batch 64, LoRA dropout 0, warm-up 0.1 linear) has them; explicit hyperparameters win.",
+    )
     hyperparameters: TrainingHyperparameters = Field(default_factory=TrainingHyperparameters)
     checkpoint_every: int = Field(
         100, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (and one at the last step)."
     )
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> TrainingSpec:
+        from trainer.config import TRAINING_PRESETS  # the one place presets are defined
+
+        hp = self.hyperparameters
+        explicit = hp.model_fields_set if "hyperparameters" in self.model_fields_set else set()
+        values = {
+            name: value
+            for name, value in TRAINING_PRESETS[self.preset].items()
+            # An explicit accumulation says how big a step is: the preset's effective batch does not apply.
+            if name not in explicit and not (name == "effective_batch_size" and "gradient_accumulation_steps" in explicit)
+        }
+        if values:
+            self.hyperparameters = TrainingHyperparameters.model_validate({**hp.model_dump(exclude_unset=True), **values})
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +196,6 @@ class TrainingSpec(_Request):
 
 AugmentFormat = Literal["sequence", "grid", "pic_in_pic"]
 _ALL_FORMATS: list[AugmentFormat] = ["sequence", "grid", "pic_in_pic"]
-_NOISE_FORMATS: list[AugmentFormat] = ["grid", "pic_in_pic"]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -204,6 +225,15 @@ class Augmentation(_Request):
         return self
 
 
+class Noise(_Request):
+    """Gaussian noise on the images generation sees for one format (the export keeps them clean)."""
+
+    std: float = Field(ge=0, le=255, description="Standard deviation in pixel units.")
+    region: Literal["target", "image"] = Field(
+        "target", description="target: the target's cell, inset or image; image: the whole image holding it."
+    )
+
+
 class Generation(_Request):
     max_new_tokens: int = Field(512, ge=1, le=8192, description="Most new tokens per candidate.")
     num_candidates: int = Field(1, ge=1, le=32, description="Candidates per prompt (> 1 needs temperature > 0).")
@@ -221,17 +251,10 @@ class Generation(_Request):
         pattern=r"^https?://",
         description="The OpenAI-compatible server (backend openai); default: the deployment's (MIADPO_OPENAI_BASE_URL).",
     )
-    noise_std: float = Field(
-        0.0,
-        ge=0,
-        le=255,
-        description="Gaussian noise (std, pixel units) on the target region of the images the model answers, "
-        "to provoke more hallucinations; the exported pairs keep the clean images. 0: none.",
-    )
-    noise_formats: list[AugmentFormat] = Field(
-        default_factory=lambda: list(_NOISE_FORMATS),
-        max_length=3,
-        description="Formats whose prompts get the noise (the official code: grid and pic-in-pic).",
+    noise: dict[AugmentFormat, Noise] = Field(
+        default_factory=dict,
+        description="Per format, Gaussian noise on the images the model answers, to provoke more hallucinations "
+        "(preset official_code: grid std 225 on the target, pic_in_pic std 49 on the whole image); none by default.",
     )
 
     @model_validator(mode="after")
@@ -240,15 +263,35 @@ class Generation(_Request):
             raise ValueError("num_candidates > 1 needs temperature > 0 (greedy gives identical candidates)")
         if self.base_url is not None and self.backend != "openai":
             raise ValueError("base_url is only used by the openai backend")
-        if len(set(self.noise_formats)) != len(self.noise_formats):
-            raise ValueError("noise_formats must not repeat")
         return self
 
 
+Comparison = Literal["<=", "<"]
+
+
+def _all_at_most() -> dict[AugmentFormat, Comparison]:
+    return {"sequence": "<=", "grid": "<=", "pic_in_pic": "<="}
+
+
 class Selection(_Request):
-    preset: Literal["paper", "official_code"] = Field("paper", description="Attention-ratio thresholds preset.")
     thresholds: dict[AugmentFormat, dict[int, Annotated[float, Field(ge=0, le=1)]]] | None = Field(
-        None, description="Overrides by format then image count, e.g. {\"grid\": {\"9\": 0.35}}."
+        None, description="Overrides of the preset's thresholds by format then image count, e.g. {\"grid\": {\"9\": 0.35}}."
+    )
+    attention_rows: Literal["answer_tokens", "producing"] = Field(
+        "answer_tokens",
+        description="Which query rows make the attention ratio: the rows at the answer's tokens (the official code's) "
+        "or the rows producing them.",
+    )
+    comparison: dict[AugmentFormat, Comparison] = Field(
+        default_factory=_all_at_most,
+        description="Per format, hallucinated when ratio <= threshold or ratio < threshold (official_code: < for grid and pic_in_pic).",
+    )
+    perplexity_gate: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Reject only answers whose perplexity (official: from max-softmax, EOS step included) is above this "
+        "(official_code: 1.1); null: no gate.",
     )
 
     @model_validator(mode="after")
@@ -256,7 +299,7 @@ class Selection(_Request):
         from workers.select import SelectionConfig  # the one place thresholds are validated
 
         thresholds: dict[str, dict[int, float]] = {str(k): v for k, v in (self.thresholds or {}).items()}
-        SelectionConfig(preset=self.preset, thresholds=thresholds)
+        SelectionConfig(thresholds=thresholds)  # both presets' tables have the same image counts
         return self
 
 
@@ -269,6 +312,12 @@ class PostSelection(_Request):
 
 class PairSetCreate(_Request):
     dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset of yours.")
+    preset: Literal["paper", "official_code"] = Field(
+        "paper",
+        description="The method's settings as the paper (paper) or the released scripts (official_code) have them: "
+        "thresholds, comparisons, attention rows, noise, perplexity gate, post-selection filters. Fields set "
+        "explicitly win over the preset; the stored config holds every effective value.",
+    )
     model: str = Field("tiny-llava", min_length=1, max_length=512, description="HF model id, local path, or a built-in tiny model.")
     augmentation: Augmentation = Field(default_factory=Augmentation)
     generation: Generation = Field(default_factory=Generation)
@@ -277,6 +326,18 @@ class PairSetCreate(_Request):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="One seed for all randomness: same seed, same bytes.")
     shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard job.")
     train: TrainingSpec | None = Field(None, description="Train an adapter on the pairs when they are done (a training is created).")
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> PairSetCreate:
+        from workers.pipeline import PIPELINE_PRESETS  # the one place presets are defined
+
+        for path, value in PIPELINE_PRESETS[self.preset].items():
+            section, name = path.split(".")
+            part = getattr(self, section)
+            if section in self.model_fields_set and name in part.model_fields_set:
+                continue  # the user's own value wins
+            setattr(self, section, type(part).model_validate({**part.model_dump(exclude_unset=True), name: value}))
+        return self
 
 
 class PairSetProgress(BaseModel):
@@ -288,6 +349,7 @@ class PairSetRemoved(BaseModel):
     perplexity: int
     length_ratio: int
     edit_distance: int
+    perplexity_gate: int = Field(0, description="Prompts whose only rejectable answers the perplexity gate dropped.")
 
 
 class PairSetCounts(BaseModel):
@@ -295,6 +357,12 @@ class PairSetCounts(BaseModel):
     candidates: int
     hallucinated: int
     pairs: int
+    distractors_from_source: int = Field(
+        0, description="Prompts whose distractor images come from the target's own source (coco, gqa, ...), as the official code draws them."
+    )
+    box_samples_skipped: int = Field(
+        0, description="Samples with box coordinates passed over as grid or pic-in-pic targets (wrong on a collage)."
+    )
     removed: PairSetRemoved
 
 
@@ -373,7 +441,8 @@ class Training(BaseModel):
     object: Literal["training"] = "training"
     pairset_id: str
     model: str
-    hyperparameters: TrainingHyperparameters = Field(description="As trained: defaults filled in.")
+    preset: Literal["paper", "official_code"] = Field("paper", description="The training preset the hyperparameters came from.")
+    hyperparameters: TrainingHyperparameters = Field(description="As trained: the preset and defaults filled in.")
     checkpoint_every: int
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: TrainingProgress

@@ -30,6 +30,11 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_dataset_id(dataset: Path) -> str:
+    """The id a local dataset gets in the store under the data dir (the same path, the same id)."""
+    return "local-" + hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+
+
 def ingest_local(dataset: Path, quiet: bool = False) -> tuple[object, str, object]:
     """Ingest a local dataset into the store under the data dir; return (store, dataset_id, manifest)."""
     from core.store import ArtifactStore
@@ -37,7 +42,7 @@ def ingest_local(dataset: Path, quiet: bool = False) -> tuple[object, str, objec
 
     settings = get_settings()
     store = ArtifactStore(settings.data_dir)
-    dataset_id = "local-" + hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+    dataset_id = local_dataset_id(dataset)
     manifest = ingest(dataset, store, dataset_id, limits=IngestLimits.from_settings(settings))
     if not quiet:
         print(
@@ -99,41 +104,48 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     """The whole pipeline in one process: augment -> generate -> attention -> select -> postselect -> export."""
+    from app.schemas import PairSetCreate
     from core.dataset import read_samples
-    from workers.generate import GenerationConfig
     from workers.models import load_model
     from workers.pipeline import (
-        PipelineConfig,
         make_backend,
         merge_and_export,
+        model_fit,
         process_shard,
         shard_ranges,
         write_records,
     )
-    from workers.postselect import PostSelectionConfig
     from workers.render import store_loader
-    from workers.select import SelectionConfig
+    from workers.tasks import pipeline_config
 
-    config = PipelineConfig(
-        model=args.model,
-        num=args.num,
-        formats=tuple(_csv(args.formats)),
-        seed=args.seed,
-        generation=GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            num_candidates=args.num_candidates,
-            temperature=args.temperature,
-            batch_size=args.batch_size,
-        ),
-        selection=SelectionConfig(preset=args.preset),
-        post_selection=PostSelectionConfig(k=args.tukey_k),
-        backend=args.backend,
-        base_url=args.base_url,
-        shard_size=args.shard_size,
-        noise_std=args.noise_std,
-        noise_formats=tuple(_csv(args.noise_formats)),
+    generation: dict = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_candidates": args.num_candidates,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+        "backend": args.backend,
+        "base_url": args.base_url,
+    }
+    if args.noise_std is not None:
+        generation["noise"] = {f: {"std": args.noise_std} for f in _csv(args.noise_formats)}
+    selection: dict = {"attention_rows": args.attention_rows} if args.attention_rows else {}
+    post = {"k": args.tukey_k} if args.tukey_k is not None else {}
+    # The same request the API takes, so the preset and every default resolve exactly as for a pair set.
+    request = PairSetCreate.model_validate(
+        {
+            "dataset_id": local_dataset_id(Path(args.dataset)),
+            "model": args.model,
+            "preset": args.preset,
+            "augmentation": {"num": args.num, "formats": _csv(args.formats)},
+            "generation": generation,
+            "seed": args.seed,
+            "shard_size": args.shard_size,
+            **({"selection": selection} if selection else {}),
+            **({"post_selection": post} if post else {}),
+        }
     )
-    store, dataset_id, _ = ingest_local(Path(args.dataset))
+    config = pipeline_config(request.model_dump(mode="json"), get_settings())
+    store, dataset_id, _ = ingest_local(Path(args.dataset))  # after the checks: a bad flag costs nothing
     samples = read_samples(store, dataset_id)  # type: ignore[arg-type]
     handle = load_model(config.model)
     backend = make_backend(config, handle)
@@ -150,7 +162,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         done += len(records)
         print(f"shard {i}: {done}/{config.num} prompts ({time.perf_counter() - started:.1f}s)", flush=True)
     backend.close()
-    result = merge_and_export(shard_paths, config, out / "export", load)
+    result = merge_and_export(shard_paths, config, out / "export", load, model_fit(handle))
     c = result.counts
     print(
         f"prompts {c['prompts']} (hallucinated {c['hallucinated']}, not {c['not_hallucinated']}), "
@@ -221,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-candidates", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--preset", default="paper", help="Threshold preset: paper or official_code.")
-    p.add_argument("--tukey-k", type=float, default=1.5, help="Post-selection fence width.")
+    p.add_argument("--preset", default="paper", help="Pipeline preset: paper or official_code (see docs/fidelity.md).")
+    p.add_argument("--attention-rows", default=None, help="answer_tokens or producing (default: the preset's).")
+    p.add_argument("--tukey-k", type=float, default=None, help="Post-selection fence width (default 1.5).")
     p.add_argument("--backend", default="hf", help="hf, vllm or openai.")
     p.add_argument("--base-url", default=None, help="openai backend: server URL ending in /v1.")
     p.add_argument("--shard-size", type=int, default=200)
-    p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise (std, 0..255) on the target region the model sees; 0: none.")
+    p.add_argument("--noise-std", type=float, default=None, help="Gaussian noise (std, 0..255) on the target region the model sees (default: the preset's).")
     p.add_argument("--noise-formats", default="grid,pic_in_pic", help="Comma list of formats that get the noise.")
     p.set_defaults(func=cmd_pairs)
 

@@ -26,6 +26,9 @@ class Sample:
     height: int
     question: str  # without the `<image>` token
     answer: str
+    # The subset the sample comes from (coco, gqa, ocr_vqa, ...): a `source` column, else the first folder of
+    # its image path. Distractors are drawn from the same source, as the official code does.
+    source: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> Sample:
@@ -36,6 +39,7 @@ class Sample:
             height=int(d["height"]),
             question=d["question"],
             answer=d["answer"],
+            source=d.get("source"),
         )
 
 

@@ -271,6 +271,7 @@ def create_training_for_pairset(connection: Redis, pairset_id: str) -> str:
             pairset_id=pairset_id,
             model=train.get("model") or pairset["model"],
             hyperparameters=dict(train.get("hyperparameters") or {}),
+            preset=train.get("preset", "paper"),
             checkpoint_every=train["checkpoint_every"],
             training_id=training_id,
         )

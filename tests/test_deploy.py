@@ -28,7 +28,16 @@ def test_services_and_their_roles():
     assert services["worker"]["environment"]["MIADPO_OPENAI_BASE_URL"] == "http://vllm:8000/v1"
     vllm = " ".join(services["vllm"]["command"])
     assert "--limit-mm-per-prompt" in vllm and "--chat-template" in vllm and "healthcheck" in services["vllm"]
-    assert (ROOT / "deploy" / "llava-interleaved.jinja").exists()
+    assert "llava.jinja" in vllm
+
+
+def test_served_chat_templates_are_the_families_own():
+    """`vllm serve` renders prompts with the same template as generation, the attention pass and training."""
+    from workers.models import FAMILIES
+
+    for name, family in FAMILIES.items():
+        path = ROOT / "deploy" / f"{name}.jinja"
+        assert path.read_text() == family.chat_template + "\n", f"{path} is stale: write {name}'s chat_template into it"
 
 
 def test_gpu_reservations_and_shared_volume():

@@ -21,6 +21,22 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from trl import DPOConfig
 
+# Training presets (the `preset` of a training): the values a preset gives to the hyperparameters a request
+# does not set itself. `paper`: the MIA-DPO paper (3 epochs, NLL weight 0.1 on the chosen answer);
+# `official_code`: the released script (1 epoch, NLL weight 0, batch 1 x accumulation 8 x 8 GPUs = 64 pairs per
+# step, warm-up 0.1 linear, and LoRA dropout 0, as its trainer zeroes every dropout).
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"num_epochs": 3, "nll_weight": 0.1},
+    "official_code": {
+        "num_epochs": 1,
+        "nll_weight": 0.0,
+        "effective_batch_size": 64,
+        "lora_dropout": 0.0,
+        "warmup_ratio": 0.1,
+        "lr_scheduler": "linear",
+    },
+}
+
 # LoRA on the language model's linear layers only: not the vision tower, not the projector / merger
 # (their modules live outside `language_model`; Qwen2.5-VL's vision blocks have gate/up/down_proj too).
 LM_LINEAR_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -44,6 +60,13 @@ class TrainHyperparameters:
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "Forward passes per optimizer step (official script: 8, on 8 GPUs: 64 pairs per step)."},
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs per optimizer step over all processes; sets the accumulation to "
+            "ceil(this / (per_device_batch_size x processes)) on the machine that trains (official: 64). None: off."
+        },
     )
     warmup_ratio: float = field(
         default=0.1, metadata={"help": "Fraction of the steps spent warming the learning rate up (official: 0.1)."}
@@ -80,6 +103,13 @@ class TrainHyperparameters:
         _integer("num_epochs", self.num_epochs, low=1)
         _integer("per_device_batch_size", self.per_device_batch_size, low=1)
         _integer("gradient_accumulation_steps", self.gradient_accumulation_steps, low=1)
+        if self.effective_batch_size is not None:
+            _integer("effective_batch_size", self.effective_batch_size, low=1)
+            if self.gradient_accumulation_steps != 1:
+                raise ValueError(
+                    "set effective_batch_size or gradient_accumulation_steps, not both "
+                    f"(got {self.effective_batch_size} and {self.gradient_accumulation_steps})"
+                )
         _number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
@@ -106,6 +136,12 @@ class TrainHyperparameters:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
         return asdict(self)
+
+    def accumulation(self, num_processes: int = 1) -> int:
+        """Forward passes per optimizer step on `num_processes` processes."""
+        if self.effective_batch_size is None:
+            return self.gradient_accumulation_steps
+        return max(1, math.ceil(self.effective_batch_size / (self.per_device_batch_size * num_processes)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainHyperparameters:
@@ -145,6 +181,7 @@ def build_configs(
     *,
     device: str | torch.device,
     checkpoint_every: int | None,
+    num_processes: int = 1,
 ) -> tuple[DPOConfig, LoraConfig]:
     """The DPO and LoRA configs for one training.
 
@@ -154,6 +191,7 @@ def build_configs(
         device: "cuda" (bf16 mixed precision) or "cpu" (fp32, `use_cpu`).
         checkpoint_every: save a resumable checkpoint every this many optimizer steps (and at the last
             step); None = no checkpoints.
+        num_processes: processes training together (DDP), for `effective_batch_size`.
     Returns:
         (DPOConfig, LoraConfig). The reference model is the policy with its adapter disabled: no
         `ref_model` is passed to DPOTrainer, and reference log-probs are computed on the fly (TRL refuses
@@ -189,7 +227,7 @@ def build_configs(
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps is not None else -1,
         per_device_train_batch_size=hp.per_device_batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        gradient_accumulation_steps=hp.accumulation(num_processes),
         warmup_steps=hp.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the total steps
         lr_scheduler_type=hp.lr_scheduler,
         weight_decay=hp.weight_decay,

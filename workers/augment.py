@@ -8,6 +8,11 @@ Determinism: recipe `index` of pair-set `seed` depends only on (samples, index, 
 draw comes from `random.Random(f"{seed}:{index}")` (string seeds hash with SHA-512, stable across runs
 and platforms) and the source sample comes from a seeded permutation of the dataset, so a shard can
 build any slice of the recipes on its own and get exactly what a single process would.
+
+As the official code does, distractors come from the target's own source (coco, gqa, ...: `Sample.source`)
+when it has enough images, and grid and pic-in-pic recipes skip samples whose question or answer holds
+box coordinates (`[0.12, 0.34, 0.56, 0.78]`: wrong once the image is a cell of a collage); the next sample
+of the permutation without any takes its place. A recipe records both (`same_source`, `skipped`).
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ class Recipe:
     target_index: int  # 0-based index into images of the image the question is about
     prompt: str  # the rewritten prompt, with `<image>` exactly n_prompt_images times
     phrase: str | None  # pic_in_pic phrase used, else None
+    same_source: bool = True  # the distractors come from the target's source (False: it had too few images)
+    skipped: int = 0  # samples with box coordinates passed over to find this grid/pic-in-pic target
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -132,6 +139,8 @@ class Recipe:
             "target_index": self.target_index,
             "prompt": self.prompt,
             "phrase": self.phrase,
+            "same_source": self.same_source,
+            "skipped": self.skipped,
         }
 
     @classmethod
@@ -156,6 +165,8 @@ class Recipe:
             target_index=int(d["target_index"]),
             prompt=d["prompt"],
             phrase=d.get("phrase"),
+            same_source=bool(d.get("same_source", True)),
+            skipped=int(d.get("skipped", 0)),
         )
 
 
@@ -233,6 +244,13 @@ class AugmentMix:
 
 
 _IMAGE_TOKEN_RE = re.compile(r"\s*" + re.escape(IMAGE_TOKEN) + r"\s*")
+# A bounding box or point in normalised coordinates, as LLaVA-665k's referring data writes them.
+_BOX_RE = re.compile(r"\[\s*-?\d*\.?\d+(?:\s*,\s*-?\d*\.?\d+){1,3}\s*\]")
+
+
+def has_box_coordinates(text: str) -> bool:
+    """Whether `text` holds coordinates like `[0.12, 0.34, 0.56, 0.78]`."""
+    return _BOX_RE.search(text) is not None
 
 
 def strip_image_tokens(question: str) -> str:
@@ -284,21 +302,30 @@ class _Pool:
         self.samples = samples
         self.images: list[SourceImage] = []
         self.position: dict[str, int] = {}
+        self.by_source: dict[str | None, list[int]] = {}
         for s in samples:
             if s.image not in self.position:
                 self.position[s.image] = len(self.images)
+                self.by_source.setdefault(s.source, []).append(len(self.images))
                 self.images.append(SourceImage(ref=s.image, width=s.width, height=s.height, sample_id=s.id))
         if len(self.images) < 2:
             raise UserError(
                 f"augmentation needs at least 2 distinct images in the dataset, it has {len(self.images)}",
                 code="too_few_images",
             )
+        self.boxed = [has_box_coordinates(s.question) or has_box_coordinates(s.answer) for s in samples]
 
-    def distractors(self, rng: random.Random, target_ref: str, k: int) -> list[SourceImage]:
-        """k distinct images, none of them the target's (drawn over the others, no rejection loop)."""
+    def distractors(
+        self, rng: random.Random, target_ref: str, source: str | None, k: int
+    ) -> tuple[list[SourceImage], bool]:
+        """k distinct images, none of them the target's: from the target's source when it has k others,
+        else from the whole dataset (drawn over the others, no rejection loop); and which of the two."""
         skip = self.position[target_ref]
+        same = [i for i in self.by_source.get(source, []) if i != skip]
+        if len(same) >= k:
+            return [self.images[same[p]] for p in rng.sample(range(len(same)), k)], True
         picks = rng.sample(range(len(self.images) - 1), k)
-        return [self.images[p + 1 if p >= skip else p] for p in picks]
+        return [self.images[p + 1 if p >= skip else p] for p in picks], False
 
 
 @functools.lru_cache(maxsize=8)
@@ -324,9 +351,15 @@ def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
     if index < 0:
         raise ValueError(f"index={index} must be >= 0")
     n = len(pool.samples)
-    sample = pool.samples[_order(n, seed, index // n)[index % n]]
     rng = random.Random(f"{seed}:{index}")
     fmt = _weighted(rng, mix.formats)
+    position, skipped = index, 0
+    if fmt != "sequence":  # the next sample of the permutation without box coordinates
+        while pool.boxed[_order(n, seed, position // n)[position % n]] and skipped < n:
+            position, skipped = position + 1, skipped + 1
+        if skipped == n:  # every sample has boxes: this recipe becomes a sequence
+            fmt, position, skipped = "sequence", index, 0
+    sample = pool.samples[_order(n, seed, position // n)[position % n]]
     if fmt == "sequence":
         count = _weighted(rng, mix.sequence_counts)
     elif fmt == "grid":
@@ -338,7 +371,7 @@ def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
         count = max(c for c in IMAGE_COUNTS[fmt] if c <= len(pool.images))
     target = SourceImage(ref=sample.image, width=sample.width, height=sample.height, sample_id=sample.id)
     target_index = 1 if fmt == "pic_in_pic" else rng.randrange(count)
-    others = pool.distractors(rng, sample.image, count - 1)
+    others, same_source = pool.distractors(rng, sample.image, sample.source, count - 1)
     images = (*others[:target_index], target, *others[target_index:])
     phrase = rng.choice(PIP_PHRASES) if fmt == "pic_in_pic" else None
     return Recipe(
@@ -353,6 +386,8 @@ def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
         target_index=target_index,
         prompt=build_prompt(fmt, count, target_index, sample.question, phrase),
         phrase=phrase,
+        same_source=same_source,
+        skipped=skipped,
     )
 
 

@@ -546,7 +546,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
             f"found {', '.join(names)}",
             code="missing_columns",
         )
-    columns = [c for c in ("id", image_col, "question", "answer", "conversations") if c in names]
+    columns = [c for c in ("id", image_col, "question", "answer", "conversations", "source") if c in names]
 
     def rows() -> Iterator[tuple[int, Any]]:
         row = 0
@@ -593,10 +593,13 @@ class _RowBuilder:
                 raise _Reject("duplicate_id", f"id {sample_id!r} already used by row {first}")
             self.seen_ids[sample_id] = row
             question, answer = self._text(item, llava=llava)
+            source = _source(item)
             ref, width, height = self._image(item)
         except _Reject as r:
             return Problem(row, sample_id, r.code, r.reason)
-        return Sample(id=sample_id, image=ref, width=width, height=height, question=question, answer=answer)
+        return Sample(
+            id=sample_id, image=ref, width=width, height=height, question=question, answer=answer, source=source
+        )
 
     # Text is checked before the image so rows that are skipped anyway cost no decoding.
     def _text(self, item: dict, *, llava: bool) -> tuple[str, str]:
@@ -664,6 +667,24 @@ class _RowBuilder:
         if isinstance(hit, _Reject):
             raise _Reject(hit.code, hit.reason)
         return hit
+
+
+def _source(item: dict) -> str | None:
+    """The sample's subset: its `source` column, else the first folder of its image path (LLaVA-665k's
+    `coco/train2017/...`, `gqa/images/...`, `ocr_vqa/...`); None when neither says."""
+    value = item.get("source")
+    if value is not None:
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            raise _Reject("invalid_row", "source must be a non-empty string of at most 200 characters")
+        return value.strip()
+    path = item.get("image")
+    if isinstance(path, dict):
+        path = path.get("path")
+    if isinstance(path, str):
+        parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+        if len(parts) > 1:
+            return parts[0]
+    return None
 
 
 def _first_turn(item: dict) -> tuple[Any, Any]:

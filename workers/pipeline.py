@@ -10,19 +10,21 @@ tasks run the same steps as separate jobs.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from core.dataset import Sample
 from core.store import atomic_writer
-from workers.attention import ProbeResult, probe, recipe_ratio
+from workers.attention import ROWS, ProbeResult, probe, recipe_ratio
 from workers.augment import FORMATS, AugmentMix, Recipe, make_recipes
 from workers.export import ExportPair, ShardWriter, write_card
 from workers.generate import Candidate, GenerationBackend, GenerationConfig, PromptInput
@@ -34,10 +36,51 @@ from workers.postselect import (
     fit_fences,
     normalised_edit_distance,
 )
-from workers.render import Loader, perturb_target, render_recipe, target_box
-from workers.select import SelectionConfig, select
+from workers.render import NOISE_REGIONS, Loader, perturb_target, render_recipe, target_box
+from workers.select import PERPLEXITY_GATE, SelectionConfig, select
 
-NOISE_FORMATS: tuple[str, ...] = ("grid", "pic_in_pic")  # what the official code perturbs
+Fit = Callable[[list[Image.Image]], tuple[list[Image.Image], list[tuple[int, int]]]]
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Gaussian noise on what generation sees for one format (`workers.render.perturb_target`)."""
+
+    std: float = field(metadata={"help": "Standard deviation in pixel units (0..255)."})
+    region: str = field(default="target", metadata={"help": "target (cell, inset, image) or image (the whole collage)."})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.std <= 255:  # also refuses nan
+            raise ValueError(f"noise std must be in [0, 255], got {self.std}")
+        if self.region not in NOISE_REGIONS:
+            raise ValueError(f"noise region must be one of {NOISE_REGIONS}, got {self.region!r}")
+
+
+# Pipeline presets (the `preset` of a pair set): the values a preset gives to the settings a request does
+# not set itself, by dotted path into the request. The threshold table is the preset's own (`select.PRESETS`).
+# `paper` is the paper's method as this project runs it by default; `official_code` the released scripts:
+# strict `<` for grid and pic-in-pic, the official noise (grid: std 225 on the target cell; pic-in-pic:
+# std 49 on the whole image) and its `ppl > 1.1` gate in place of the Tukey fences it does not have.
+PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "selection.attention_rows": "answer_tokens",
+        "selection.comparison": {"sequence": "<=", "grid": "<=", "pic_in_pic": "<="},
+        "selection.perplexity_gate": None,
+        "post_selection.perplexity": True,
+        "post_selection.length_ratio": True,
+        "post_selection.edit_distance": True,
+        "generation.noise": {},
+    },
+    "official_code": {
+        "selection.attention_rows": "answer_tokens",
+        "selection.comparison": {"sequence": "<=", "grid": "<", "pic_in_pic": "<"},
+        "selection.perplexity_gate": 1.1,
+        "post_selection.perplexity": False,
+        "post_selection.length_ratio": False,
+        "post_selection.edit_distance": False,
+        "generation.noise": {"grid": {"std": 225.0, "region": "target"}, "pic_in_pic": {"std": 49.0, "region": "image"}},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -56,13 +99,11 @@ class PipelineConfig:
     backend: str = field(default="hf", metadata={"help": "hf | vllm | openai."})
     base_url: str | None = field(default=None, metadata={"help": "openai backend: the server's /v1 URL."})
     shard_size: int = field(default=200, metadata={"help": "Prompts per shard job."})
-    noise_std: float = field(
-        default=0.0,
-        metadata={"help": "Gaussian noise (std, 0..255 pixel units) on the target region of the images generation sees; 0: none."},
+    noise: Mapping[str, NoiseSpec] = field(
+        default_factory=dict,
+        metadata={"help": "Per format, Gaussian noise on the images generation sees (the export keeps them clean); none by default."},
     )
-    noise_formats: tuple[str, ...] = field(
-        default=NOISE_FORMATS, metadata={"help": "Formats whose prompts get the noise (official code: grid, pic-in-pic)."}
-    )
+    preset: str = field(default="paper", metadata={"help": "The pipeline preset the values came from (paper, official_code)."})
 
     def __post_init__(self) -> None:
         if self.num < 1:
@@ -76,38 +117,21 @@ class PipelineConfig:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
-        if not 0 <= self.noise_std <= 255:  # also refuses nan
-            raise ValueError(f"noise_std must be in [0, 255], got {self.noise_std}")
-        if set(self.noise_formats) - set(FORMATS) or len(set(self.noise_formats)) != len(self.noise_formats):
-            raise ValueError(f"noise_formats must be distinct formats of {FORMATS}, got {list(self.noise_formats)}")
+        if set(self.noise) - set(FORMATS):
+            raise ValueError(f"noise: formats must be among {FORMATS}, got {sorted(self.noise)}")
 
     @property
     def effective_mix(self) -> AugmentMix:
         return self.mix.only(self.formats)
 
     def to_dict(self) -> dict:
+        """Every effective value (what the dataset card records)."""
         d = asdict(self)
         d["mix"] = self.mix.to_dict()
         d["formats"] = list(self.formats)
-        d["noise_formats"] = list(self.noise_formats)
-        d["selection"] = {"preset": self.selection.preset, "thresholds": {f: dict(t) for f, t in self.selection.thresholds.items()}}
+        d["noise"] = {f: asdict(spec) for f, spec in self.noise.items()}
+        d["selection"] = {**asdict(self.selection), "thresholds": {f: dict(t) for f, t in self.selection.thresholds.items()}}
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PipelineConfig:
-        d = dict(d)
-        sel = d.pop("selection", {}) or {}
-        thresholds = {f: {int(k): float(v) for k, v in t.items()} for f, t in (sel.get("thresholds") or {}).items()}
-        return cls(
-            **{k: v for k, v in d.items() if k not in ("mix", "generation", "post_selection", "formats", "layers", "noise_formats")},
-            formats=tuple(d.get("formats", FORMATS)),
-            noise_formats=tuple(d.get("noise_formats", NOISE_FORMATS)),
-            mix=AugmentMix.from_dict(d["mix"]) if d.get("mix") else AugmentMix(),
-            generation=GenerationConfig(**(d.get("generation") or {})),
-            selection=SelectionConfig(preset=sel.get("preset", "paper"), thresholds=thresholds),
-            post_selection=PostSelectionConfig(**(d.get("post_selection") or {})),
-            layers=tuple(d["layers"]) if d.get("layers") else None,
-        )
 
 
 def shard_ranges(num: int, shard_size: int) -> list[tuple[int, int]]:
@@ -119,38 +143,58 @@ def _image_size(images: Sequence[Any]) -> tuple[int, int]:
     return images[0].size
 
 
-def _candidate_probes(handle: Any, prompts: Sequence[PromptInput], cands: list[list[Candidate]], layers: Any, batch_size: int) -> list[list[ProbeResult]]:
-    """Probe results for every candidate: recorded ones as they are, the rest from one probe pass."""
-    tokenizer = handle.processor.tokenizer
+def _candidate_probes(
+    handle: Any, prompts: Sequence[PromptInput], cands: list[list[Candidate]], config: PipelineConfig
+) -> list[list[ProbeResult]]:
+    """Probe results for every candidate: recorded ones as they are, the rest from one probe pass.
+
+    A recorded result lacking the configured rows (`answer_tokens` of an answer cut at max_new_tokens:
+    generation never ran the step at its last token) is probed again.
+    """
+    rows = config.selection.attention_rows
     # An answer that spells out an image placeholder (e.g. the text "<image>") must not become image
     # features in the probe: those tokens are dropped from the probed ids.
     placeholders = set(handle.family.placeholder_token_ids(handle.processor))
     todo: list[tuple[int, int]] = []
-    out: list[list[ProbeResult | None]] = [[c.probe for c in row] for row in cands]
+    out: list[list[ProbeResult | None]] = [[c.probe if c.probe is not None and rows in c.probe.attention else None for c in row] for row in cands]
     for i, row in enumerate(cands):
         for j, c in enumerate(row):
-            if c.probe is None:
-                if not c.token_ids and c.text:  # text-only backends: re-tokenise the answer
-                    c.token_ids = tokenizer(c.text, add_special_tokens=False)["input_ids"]
+            if out[i][j] is None:
                 c.token_ids = [t for t in c.token_ids if t not in placeholders]
+                c.lead_ids = [t for t in c.lead_ids if t not in placeholders]
                 todo.append((i, j))
     if todo:
-        results = probe(handle, [prompts[i] for i, _ in todo], [cands[i][j].token_ids for i, j in todo], layers=layers, batch_size=batch_size)
+        results = probe(
+            handle,
+            [prompts[i] for i, _ in todo],
+            [cands[i][j].token_ids for i, j in todo],
+            layers=config.layers,
+            batch_size=config.generation.batch_size,
+            leads=[cands[i][j].lead_ids for i, j in todo],
+        )
         for (i, j), r in zip(todo, results, strict=True):
             out[i][j] = r
     return out  # type: ignore[return-value]
 
 
 def _generation_images(recipe: Recipe, config: PipelineConfig, load: Loader) -> list[Image.Image]:
-    """The images generation and the attention pass see: the render, with noise on the target when asked.
+    """The rendered images generation and the attention pass see: with noise when the format asks.
 
     Only here: the export renders the recipe again, clean. The model is trained on the real images; the
     noise only provokes the hallucinated answers that become the rejected side of the pairs.
     """
     images = render_recipe(recipe, load)
-    if config.noise_std > 0 and recipe.format in config.noise_formats:
-        images = perturb_target(images, recipe, config.noise_std, config.seed)
+    spec = config.noise.get(recipe.format)
+    if spec is not None and spec.std > 0:
+        images = perturb_target(images, recipe, spec.std, config.seed, spec.region)
     return images
+
+
+def model_fit(handle_or_family: Any, processor: Any = None) -> Fit:
+    """The family's `fit_images` for a model: rendered images -> (what the model is given, offsets)."""
+    family = getattr(handle_or_family, "family", handle_or_family)
+    processor = processor if processor is not None else handle_or_family.processor
+    return lambda images: family.fit_images(processor, images)
 
 
 def process_shard(
@@ -181,13 +225,14 @@ def process_shard(
     """
     recipes = make_recipes(samples, num=stop - start, seed=config.seed, mix=config.effective_mix, start=start)
     tokenizer = handle.processor.tokenizer
+    fit = model_fit(handle)
     gen = config.generation
     records: list[dict] = []
     for b in range(0, len(recipes), gen.batch_size):
         batch = recipes[b : b + gen.batch_size]
-        prompts = [PromptInput(r.uid, r.prompt, _generation_images(r, config, load)) for r in batch]
+        prompts = [PromptInput(r.uid, r.prompt, *fit(_generation_images(r, config, load))) for r in batch]
         cands = backend.generate(prompts, replace(gen, seed=gen.seed + config.seed * 1_000_003 + start + b))
-        probes = _candidate_probes(handle, prompts, cands, config.layers, batch_size=gen.batch_size)
+        probes = _candidate_probes(handle, prompts, cands, config)
         for recipe, prompt, row, row_probes in zip(batch, prompts, cands, probes, strict=True):
             records.append(_judge(recipe, prompt, row, row_probes, config, tokenizer))
         if on_batch is not None:
@@ -195,15 +240,51 @@ def process_shard(
     return records
 
 
+def encode_attention(values: np.ndarray) -> str:
+    """Per-image-token attention as base64 of little-endian float16: compact enough to keep for every
+    candidate (a LLaVA image is 576 values, 1.5 kB), precise enough to draw a heat map."""
+    return base64.b64encode(np.asarray(values, dtype="<f2").tobytes()).decode("ascii")
+
+
+def decode_attention(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float64)
+
+
+def _layouts(probe_result: ProbeResult, prompt: PromptInput) -> list[dict]:
+    """Per image the model was given: its token grid and where it lies, for drawing attention over it."""
+    return [
+        {**asdict(layout), "fit_offset": list(prompt.offset(k))}
+        for k, layout in enumerate(probe_result.layouts)
+    ]
+
+
 def _judge(recipe: Recipe, prompt: PromptInput, cands: list[Candidate], probes: list[ProbeResult], config: PipelineConfig, tokenizer: Any) -> dict:
+    sel = config.selection
     box = target_box(recipe)
-    size = _image_size(prompt.images) if box is not None else None
-    ratios: list[float | None] = []
+    size = None
+    if box is not None:  # the target's region, moved as the image was fitted for the model (padding)
+        dx, dy = prompt.offset(0)
+        box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+        size = prompt.images[0].size
+    all_ratios: list[dict[str, float | None]] = []
     for p in probes:
-        r = recipe_ratio(p, recipe.format, recipe.target_index, size, box)
-        ratios.append(None if math.isnan(r) else r)
-    threshold = config.selection.threshold(recipe.format, recipe.n_images)
-    verdicts, rejected = select(recipe.answer, [c.text for c in cands], ratios, threshold)
+        by_rows: dict[str, float | None] = {}
+        for rows in ROWS:
+            r = recipe_ratio(p, recipe.format, recipe.target_index, size, box, rows=rows) if rows in p.attention else math.nan
+            by_rows[rows] = None if math.isnan(r) else r
+        all_ratios.append(by_rows)
+    ratios = [r[sel.attention_rows] for r in all_ratios]
+    official = [p.official_perplexity(stopped=c.finish_reason == "stop") for c, p in zip(cands, probes, strict=True)]
+    threshold = sel.threshold(recipe.format, recipe.n_images)
+    verdicts, rejected = select(
+        recipe.answer,
+        [c.text for c in cands],
+        ratios,
+        threshold,
+        strict=sel.strict(recipe.format),
+        perplexities=official,
+        perplexity_gate=sel.perplexity_gate,
+    )
     stats = None
     if rejected is not None:
         chosen_tokens = len(tokenizer(recipe.answer, add_special_tokens=False)["input_ids"])
@@ -219,17 +300,23 @@ def _judge(recipe: Recipe, prompt: PromptInput, cands: list[Candidate], probes: 
         "uid": recipe.uid,
         "recipe": recipe.to_dict(),
         "threshold": threshold,
+        "comparison": sel.comparison[recipe.format],
+        "attention_rows": sel.attention_rows,
+        "layouts": _layouts(probes[0], prompt) if probes else [],
         "candidates": [
             {
                 "text": c.text,
                 "num_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
                 "ratio": ratio,
+                "ratios": by_rows,
                 "perplexity": None if math.isnan(p.perplexity) else p.perplexity,  # nan: empty answer
+                "official_perplexity": None if math.isnan(ppl) else ppl,
                 "hallucinated": v.hallucinated,
                 "reason": v.reason,
+                "attention": encode_attention(p.values(sel.attention_rows)),
             }
-            for c, p, ratio, v in zip(cands, probes, ratios, verdicts, strict=True)
+            for c, p, ratio, by_rows, ppl, v in zip(cands, probes, ratios, all_ratios, official, verdicts, strict=True)
         ],
         "rejected": rejected,
         "stats": stats,
@@ -262,8 +349,11 @@ class MergeResult:
 
 
 def _outcome(rec: dict, fences: Fences) -> str:
-    """"exported", "no_pair" (selection found no rejected answer) or the post-selection filter that removed it."""
+    """"exported", "no_pair" (selection found no rejected answer), "perplexity_gate" (only the gate stood
+    in the way) or the post-selection filter that removed it."""
     if rec["stats"] is None:
+        if any(c["reason"] == PERPLEXITY_GATE for c in rec["candidates"]):
+            return PERPLEXITY_GATE
         return "no_pair"
     return fences.reason(PairStats(**rec["stats"])) or "exported"
 
@@ -276,21 +366,25 @@ def _explanation(rec: dict, outcome: str) -> dict:
         "n_images": len(recipe["images"]),
         "target_index": recipe["target_index"],
         "threshold": rec["threshold"],
+        "comparison": rec.get("comparison", "<="),
+        "attention_rows": rec.get("attention_rows"),
         "outcome": outcome,
         "rejected": rec["rejected"],
         "stats": rec["stats"],
-        "candidates": rec["candidates"],
+        "candidates": [{k: v for k, v in c.items() if k != "attention"} for c in rec["candidates"]],
     }
 
 
-def _add_pair(writer: ShardWriter, rec: dict, s: PairStats, load: Loader) -> None:
+def _add_pair(writer: ShardWriter, rec: dict, s: PairStats, load: Loader, fit: Fit) -> None:
     recipe = Recipe.from_dict(rec["recipe"])
     rejected = rec["candidates"][rec["rejected"]]
-    # The clean render, even when generation saw noise (`noise_std`): the pairs teach the real images.
+    # The clean render, even when generation saw noise, fitted as the model saw it (LLaVA: padded to a
+    # square): the pairs teach the real images, and a stock processor trains on exactly these pixels.
+    images, _ = fit(render_recipe(recipe, load))
     writer.add(
         ExportPair(
             uid=recipe.uid, source_id=recipe.sample_id, format=recipe.format, target_index=recipe.target_index,
-            prompt=recipe.prompt, images=render_recipe(recipe, load), chosen=recipe.answer, rejected=rejected["text"],
+            prompt=recipe.prompt, images=images, chosen=recipe.answer.strip(), rejected=rejected["text"],
             attention_ratio=rejected["ratio"], perplexity=s.perplexity, length_ratio=s.length_ratio, edit_distance=s.edit_distance,
         )
     )
@@ -301,6 +395,7 @@ def merge_and_export(
     config: PipelineConfig,
     out_dir: Path,
     load: Loader,
+    fit: Fit,
     rows_per_shard: int = 500,
     on_stage: Callable[[str], None] | None = None,
 ) -> MergeResult:
@@ -311,6 +406,7 @@ def merge_and_export(
         config: the pair set's configuration.
         out_dir: export folder (data/*.parquet, README.md, histograms/).
         load: image loader; the pair images are rendered again from their recipes.
+        fit: the model family's image fitting (`model_fit`): the export stores what the model saw.
         rows_per_shard: rows per parquet shard.
         on_stage: called with "select" before the statistics pass and "export" before the export pass.
 
@@ -326,6 +422,8 @@ def merge_and_export(
     for rec in read_records(shard_paths):
         fmt = rec["recipe"]["format"]
         counts["prompts"] += 1
+        counts["distractors_from_source"] += bool(rec["recipe"].get("same_source", True))
+        counts["box_samples_skipped"] += int(rec["recipe"].get("skipped", 0))
         counts["candidates"] += len(rec["candidates"])
         counts["hallucinated_candidates"] += sum(c["hallucinated"] for c in rec["candidates"])
         if any(c["hallucinated"] for c in rec["candidates"]):
@@ -340,7 +438,7 @@ def merge_and_export(
     if on_stage is not None:
         on_stage("export")
     # Pass 2: filter, render and write the survivors.
-    removed: Counter[str] = Counter({name: 0 for name in FILTERS})
+    removed: Counter[str] = Counter({name: 0 for name in (*FILTERS, PERPLEXITY_GATE)})
     per_format: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     writer = ShardWriter(out_dir, rows_per_shard=rows_per_shard)
     kept_stats: list[PairStats] = []
@@ -355,7 +453,7 @@ def merge_and_export(
                     removed[outcome] += 1
                 continue
             s = PairStats(**rec["stats"])
-            _add_pair(writer, rec, s, load)
+            _add_pair(writer, rec, s, load, fit)
             per_format[rec["recipe"]["format"]][len(rec["recipe"]["images"])] += 1
             kept_stats.append(s)
     writer.close()
@@ -366,6 +464,8 @@ def merge_and_export(
         "not_hallucinated": counts["not_hallucinated"],
         "hallucinated_candidates": counts["hallucinated_candidates"],
         "selected_pairs": len(stats),
+        "distractors_from_source": counts["distractors_from_source"],
+        "box_samples_skipped": counts["box_samples_skipped"],
         "removed": dict(removed),
         "pairs": writer.num_rows,
     }
@@ -397,7 +497,9 @@ def make_backend(config: PipelineConfig, handle: Any, *, api_key: str | None = N
     if config.backend == "openai":
         from workers.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(base_url=config.base_url or "", model=config.model, api_key=api_key)
+        return OpenAIBackend(base_url=config.base_url or "", model=config.model, api_key=api_key, reader=handle.answer_reader())
     from workers.backends.vllm import VLLMBackend
+    from workers.models import resolve_model
 
-    return VLLMBackend(config.model)
+    # The family's chat template, as generation on every other backend and training use.
+    return VLLMBackend(str(resolve_model(config.model)), chat_template=handle.family.chat_template)

@@ -289,17 +289,25 @@ def render_recipe(
     raise ValueError(f"unknown format {recipe.format!r}")
 
 
-def perturb_target(images: list[Image.Image], recipe: Recipe, std: float, seed: int) -> list[Image.Image]:
-    """The rendered images with seeded Gaussian noise on the target region only (DESIGN 2.3).
+NOISE_REGIONS = ("target", "image")
+
+
+def perturb_target(
+    images: list[Image.Image], recipe: Recipe, std: float, seed: int, region: str = "target"
+) -> list[Image.Image]:
+    """The rendered images with seeded Gaussian noise on the target region or the whole image (DESIGN 2.3).
 
     Noise hides the target's details from the model, so that its answer leans on the other images: more
-    hallucinated candidates to reject (the official code perturbs grid and pic-in-pic prompts this way).
+    hallucinated candidates to reject (the official code: grid, std 225 on the target cell; pic-in-pic,
+    std 49 on the whole image).
 
     Args:
         images: `render_recipe(recipe, ...)`'s output; not modified.
-        recipe: decides the region: grid -> the target's pasted image (not the white rest of its cell),
-            pic_in_pic -> the inset, sequence -> the whole target image.
+        recipe: decides the region.
         std: standard deviation in pixel units (0..255); the result is rounded and clipped to 0..255.
+        region: "target": grid -> the target's pasted image (not the white rest of its cell), pic_in_pic
+            -> the inset, sequence -> the whole target image; "image": the whole image that holds the
+            target (the collage, or the target image of a sequence).
         seed: combined with a stable hash of `recipe.uid`, so the same pair set gives the same bytes
             on any worker, in any shard or batch order.
 
@@ -308,19 +316,23 @@ def perturb_target(images: list[Image.Image], recipe: Recipe, std: float, seed: 
     """
     if not 0 <= std <= 255:  # also refuses nan
         raise ValueError(f"std must be in [0, 255], got {std}")
+    if region not in NOISE_REGIONS:
+        raise ValueError(f"region must be one of {NOISE_REGIONS}, got {region!r}")
     out = [_rgb(im.copy()) for im in images]
     if std == 0:
         return out
     if recipe.format == "sequence":
         index, box = recipe.target_index, (0, 0, *out[recipe.target_index].size)
+    elif region == "image":
+        index, box = 0, (0, 0, *out[0].size)
     else:
         boxes = image_boxes(recipe)
         assert boxes is not None
         index, box = 0, boxes[recipe.target_index]
     # SeedSequence takes non-negative ints: the seed's two's complement (64 bits) and the uid's crc32.
     rng = np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, zlib.crc32(recipe.uid.encode())])
-    region = np.asarray(out[index].crop(box), dtype=np.float64)
-    noisy = np.clip(np.rint(region + rng.normal(0.0, std, region.shape)), 0, 255).astype(np.uint8)
+    pixels = np.asarray(out[index].crop(box), dtype=np.float64)
+    noisy = np.clip(np.rint(pixels + rng.normal(0.0, std, pixels.shape)), 0, 255).astype(np.uint8)
     out[index].paste(Image.fromarray(noisy), box[:2])
     return out
 

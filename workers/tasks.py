@@ -45,12 +45,13 @@ from core.store import ArtifactStore
 # transformers and datasets again (~5 s each time).
 from workers.augment import AugmentMix
 from workers.generate import GenerationBackend, GenerationConfig
-from workers.models import ModelHandle, load_model
+from workers.models import ModelHandle, load_model, load_processor
 from workers.pipeline import (
-    NOISE_FORMATS,
+    NoiseSpec,
     PipelineConfig,
     make_backend,
     merge_and_export,
+    model_fit,
     process_shard,
     shard_ranges,
     write_records,
@@ -138,6 +139,7 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
     backend = gen.get("backend") or settings.generation_backend
     base_url = gen.get("base_url") or (settings.openai_base_url if backend == "openai" else None)
     thresholds = {fmt: {int(n): float(t) for n, t in table.items()} for fmt, table in (sel.get("thresholds") or {}).items()}
+    preset = request.get("preset", "paper")
     try:
         return PipelineConfig(
             model=request["model"],
@@ -152,16 +154,21 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
                 top_p=gen["top_p"],
                 batch_size=gen["batch_size"],
             ),
-            selection=SelectionConfig(preset=sel["preset"], thresholds=thresholds),
+            selection=SelectionConfig(
+                preset=preset,
+                thresholds=thresholds,
+                attention_rows=sel.get("attention_rows", "answer_tokens"),
+                comparison=sel.get("comparison") or {},
+                perplexity_gate=sel.get("perplexity_gate"),
+            ),
             post_selection=PostSelectionConfig(
                 k=post["k"], perplexity=post["perplexity"], length_ratio=post["length_ratio"], edit_distance=post["edit_distance"]
             ),
             backend=backend,
             base_url=base_url,
             shard_size=request["shard_size"],
-            # Records made before noise existed have neither key: no noise.
-            noise_std=gen.get("noise_std", 0.0),
-            noise_formats=tuple(gen.get("noise_formats", NOISE_FORMATS)),
+            noise={fmt: NoiseSpec(**spec) for fmt, spec in (gen.get("noise") or {}).items()},
+            preset=preset,
         )
     except ValueError as exc:
         raise UserError(f"invalid pair-set configuration: {exc}", code="invalid_config") from None
@@ -352,7 +359,8 @@ def merge_pairset(pairset_id: str) -> dict[str, Any]:
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
-        result = merge_and_export(paths, config, staging, store_loader(store), on_stage=on_stage)
+        family, processor = load_processor(config.model, settings)  # no weights: only the image fitting
+        result = merge_and_export(paths, config, staging, store_loader(store), model_fit(family, processor), on_stage=on_stage)
         archive_path(store, pairset_id).unlink(missing_ok=True)  # built from an earlier export
         if out.exists():
             shutil.rmtree(out)
@@ -365,7 +373,9 @@ def merge_pairset(pairset_id: str) -> dict[str, Any]:
         "candidates": c["candidates"],
         "hallucinated": c["hallucinated"],
         "pairs": c["pairs"],
-        "removed": {name: int(c["removed"].get(name, 0)) for name in ("perplexity", "length_ratio", "edit_distance")},
+        "distractors_from_source": c["distractors_from_source"],
+        "box_samples_skipped": c["box_samples_skipped"],
+        "removed": {name: int(c["removed"].get(name, 0)) for name in ("perplexity", "length_ratio", "edit_distance", "perplexity_gate")},
     }
     training_id = None
     if record["config"].get("train") is not None and counts["pairs"]:

@@ -59,6 +59,7 @@ def _start_training(redis: Redis, settings: Settings, owner: str, body: Training
             pairset_id=body.pairset_id,
             model=body.model or pairset["model"],
             hyperparameters=body.hyperparameters.model_dump(mode="json"),
+            preset=body.preset,
             checkpoint_every=body.checkpoint_every,
         ),
     )

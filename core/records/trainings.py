@@ -32,6 +32,7 @@ def new_training(
     hyperparameters: dict[str, Any],
     checkpoint_every: int,
     training_id: str | None = None,
+    preset: str = "paper",
 ) -> Record:
     """A queued training record; `hyperparameters` is the full set (defaults filled in)."""
     return {
@@ -39,6 +40,7 @@ def new_training(
         "object": "training",
         "pairset_id": pairset_id,
         "model": model,
+        "preset": preset,
         "hyperparameters": hyperparameters,
         "checkpoint_every": checkpoint_every,
         "status": "queued",

@@ -41,15 +41,20 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
     assert ps["progress"] == {"done": 0, "total": 0}
     assert ps["counts"] == {
         "prompts": 0, "candidates": 0, "hallucinated": 0, "pairs": 0,
-        "removed": {"perplexity": 0, "length_ratio": 0, "edit_distance": 0},
+        "distractors_from_source": 0, "box_samples_skipped": 0,
+        "removed": {"perplexity": 0, "length_ratio": 0, "edit_distance": 0, "perplexity_gate": 0},
     }  # fmt: skip
     config = ps["config"]
+    assert config["preset"] == "paper"
     assert config["augmentation"] == {"num": 100, "formats": ["sequence", "grid", "pic_in_pic"], "mix": None}
     assert config["generation"] == {
         "max_new_tokens": 512, "num_candidates": 1, "temperature": 0.0, "top_p": 1.0, "batch_size": 8,
-        "backend": None, "base_url": None, "noise_std": 0.0, "noise_formats": ["grid", "pic_in_pic"],
+        "backend": None, "base_url": None, "noise": {},
     }  # fmt: skip
-    assert config["selection"] == {"preset": "paper", "thresholds": None}
+    assert config["selection"] == {
+        "thresholds": None, "attention_rows": "answer_tokens", "perplexity_gate": None,
+        "comparison": {"sequence": "<=", "grid": "<=", "pic_in_pic": "<="},
+    }  # fmt: skip
     assert config["post_selection"] == {"k": 1.5, "perplexity": True, "length_ratio": True, "edit_distance": True}
     assert (config["seed"], config["shard_size"], config["train"]) == (0, 200, None)
     job = Job.fetch(jobs.pairset_job_id(ps["id"]), connection=redis_client)
@@ -64,8 +69,9 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         "model": "llava-hf/llava-1.5-7b-hf",
         "augmentation": {"num": 1000, "formats": ["grid", "sequence"], "mix": {"grid_counts": {"2": 1, "9": 1}}},
         "generation": {"num_candidates": 4, "temperature": 0.7, "top_p": 0.9, "backend": "openai", "base_url": "http://vllm:8000/v1",
-                       "noise_std": 25, "noise_formats": ["grid"]},
-        "selection": {"preset": "official_code", "thresholds": {"grid": {"9": 0.35}}},
+                       "noise": {"grid": {"std": 25}}},
+        "preset": "official_code",
+        "selection": {"thresholds": {"grid": {"9": 0.35}}},
         "post_selection": {"k": 3, "edit_distance": False},
         "seed": 7,
         "shard_size": 50,
@@ -75,7 +81,10 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
     assert r.status_code == 201, r.text
     config = r.json()["config"]
     assert config["selection"]["thresholds"] == {"grid": {"9": 0.35}}
-    assert (config["generation"]["noise_std"], config["generation"]["noise_formats"]) == (25.0, ["grid"])
+    # Explicit values win over the preset, the preset fills in the rest.
+    assert config["generation"]["noise"] == {"grid": {"std": 25.0, "region": "target"}}
+    assert (config["preset"], config["selection"]["perplexity_gate"], config["selection"]["comparison"]["grid"]) == ("official_code", 1.1, "<")
+    assert (config["post_selection"]["k"], config["post_selection"]["edit_distance"], config["post_selection"]["perplexity"]) == (3.0, False, False)
     assert config["augmentation"]["mix"] == {"formats": None, "sequence_counts": None, "grid_counts": {"2": 1.0, "9": 1.0}}
     train = config["train"]  # the training schema, defaults filled in
     assert (train["model"], train["checkpoint_every"]) == (None, 10)
@@ -95,11 +104,14 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         ({"generation": {"num_candidates": 3}}, "generation", "value_error"),
         ({"generation": {"backend": "tgi"}}, "generation.backend", "literal_error"),
         ({"generation": {"base_url": "http://x"}}, "generation", "value_error"),
-        ({"generation": {"noise_std": -1}}, "generation.noise_std", "greater_than_equal"),
-        ({"generation": {"noise_std": 300}}, "generation.noise_std", "less_than_equal"),
-        ({"generation": {"noise_formats": ["collage"]}}, "generation.noise_formats.0", "literal_error"),
-        ({"generation": {"noise_formats": ["grid", "grid"]}}, "generation", "value_error"),
-        ({"selection": {"preset": "mine"}}, "selection.preset", "literal_error"),
+        ({"generation": {"noise": {"grid": {"std": -1}}}}, "generation.noise.grid.std", "greater_than_equal"),
+        ({"generation": {"noise": {"grid": {"std": 300}}}}, "generation.noise.grid.std", "less_than_equal"),
+        ({"generation": {"noise": {"collage": {"std": 3}}}}, "generation.noise.collage.[key]", "literal_error"),
+        ({"generation": {"noise": {"grid": {"std": 3, "region": "cell"}}}}, "generation.noise.grid.region", "literal_error"),
+        ({"preset": "mine"}, "preset", "literal_error"),
+        ({"selection": {"attention_rows": "all"}}, "selection.attention_rows", "literal_error"),
+        ({"selection": {"comparison": {"grid": ">"}}}, "selection.comparison.grid", "literal_error"),
+        ({"selection": {"perplexity_gate": -1}}, "selection.perplexity_gate", "greater_than_equal"),
         ({"selection": {"thresholds": {"grid": {"5": 0.5}}}}, "selection", "value_error"),
         ({"selection": {"thresholds": {"grid": {"4": 1.5}}}}, "selection.thresholds.grid.4", "less_than_equal"),
         ({"post_selection": {"k": 0}}, "post_selection.k", "greater_than"),

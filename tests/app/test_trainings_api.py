@@ -67,6 +67,7 @@ def test_create_fills_defaults_records_queued_and_enqueues_the_job(client: TestC
     assert tr["id"].startswith("tr_") and tr["object"] == "training"
     assert (tr["pairset_id"], tr["model"], tr["status"], tr["checkpoint_every"]) == (pairset_id, "tiny-llava", "queued", 2)
     assert tr["hyperparameters"] == TrainHyperparameters(lora_r=8, max_steps=4).to_dict()  # every default filled in
+    assert tr["preset"] == "paper"
     assert tr["progress"] == {"step": 0, "total_steps": 4}
     assert (tr["metrics"], tr["checkpoints"], tr["adapter"], tr["error"]) == ({}, {"count": 0, "last_step": None}, None, None)
     assert tr["started_at"] is None and tr["finished_at"] is None and tr["created_at"] > 0
@@ -89,6 +90,20 @@ def test_defaults_and_an_explicit_model(client: TestClient, pairset_id: str) -> 
     assert tr["model"] == "tiny-qwen2.5-vl"
 
 
+def test_presets_fill_what_the_request_leaves_out(client: TestClient, pairset_id: str) -> None:
+    paper = create(client, {"pairset_id": pairset_id}).json()
+    assert paper["preset"] == "paper" and (paper["hyperparameters"]["num_epochs"], paper["hyperparameters"]["nll_weight"]) == (3, 0.1)
+    official = create(client, {"pairset_id": pairset_id, "preset": "official_code"}).json()
+    hp = official["hyperparameters"]
+    assert official["preset"] == "official_code"
+    assert (hp["num_epochs"], hp["nll_weight"], hp["effective_batch_size"], hp["lora_dropout"]) == (1, 0.0, 64, 0.0)
+    assert (hp["warmup_ratio"], hp["lr_scheduler"], hp["gradient_accumulation_steps"]) == (0.1, "linear", 1)
+    # Explicit hyperparameters win; an explicit accumulation keeps the preset's effective batch out.
+    mine = create(client, {"pairset_id": pairset_id, "preset": "official_code",
+                           "hyperparameters": {"num_epochs": 2, "gradient_accumulation_steps": 4}}).json()["hyperparameters"]
+    assert (mine["num_epochs"], mine["gradient_accumulation_steps"], mine["effective_batch_size"], mine["nll_weight"]) == (2, 4, None, 0.0)
+
+
 @pytest.mark.parametrize(
     ("patch", "param", "code", "says"),
     [
@@ -104,6 +119,8 @@ def test_defaults_and_an_explicit_model(client: TestClient, pairset_id: str) -> 
         ({"hyperparameters": {"lr_scheduler": "exponential"}}, "hyperparameters.lr_scheduler", "value_error", "lr_scheduler must be one of"),
         ({"hyperparameters": {"lora_target": "(q_proj"}}, "hyperparameters.lora_target", "value_error", "lora_target is not a valid regex"),
         ({"checkpoint_every": 0}, "checkpoint_every", "greater_than_equal", ""),
+        ({"preset": "mine"}, "preset", "literal_error", ""),
+        ({"hyperparameters": {"effective_batch_size": 64, "gradient_accumulation_steps": 2}}, "hyperparameters", "value_error", "not both"),
         ({"model": ""}, "model", "string_too_short", ""),
         ({"pairset_id": None}, "pairset_id", "string_type", ""),
     ],
@@ -134,7 +151,7 @@ def test_a_pairsets_train_is_validated_by_the_same_schema(client: TestClient, re
     r = client.post("/v1/pairsets", headers=AUTH_A, json={"dataset_id": dataset, "train": {"hyperparameters": {"max_steps": 3}}})
     assert r.status_code == 201, r.text
     train = r.json()["config"]["train"]
-    assert train == {"model": None, "hyperparameters": TrainHyperparameters(max_steps=3).to_dict(), "checkpoint_every": 100}
+    assert train == {"model": None, "preset": "paper", "hyperparameters": TrainHyperparameters(max_steps=3).to_dict(), "checkpoint_every": 100}
     assert r.json()["training_id"] is None
 
 

@@ -54,6 +54,17 @@ def test_build_configs_on_cpu(tmp_path):
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (128, 256, 0.05, LM_LINEAR_TARGET)
 
 
+def test_effective_batch_size_sets_the_accumulation_per_process_count(tmp_path):
+    hp = TrainHyperparameters(effective_batch_size=64, per_device_batch_size=2)
+    assert [hp.accumulation(n) for n in (1, 2, 8, 64)] == [32, 16, 4, 1]
+    args, _ = build_configs(hp, tmp_path, device="cpu", checkpoint_every=None, num_processes=8)
+    assert args.gradient_accumulation_steps == 4
+    args, _ = build_configs(TrainHyperparameters(gradient_accumulation_steps=3), tmp_path, device="cpu", checkpoint_every=None, num_processes=8)
+    assert args.gradient_accumulation_steps == 3
+    with pytest.raises(ValueError, match="not both"):
+        TrainHyperparameters(effective_batch_size=64, gradient_accumulation_steps=2)
+
+
 def test_build_configs_without_checkpoints_or_nll(tmp_path):
     args, _ = build_configs(TrainHyperparameters(nll_weight=0.0), tmp_path, device="cpu", checkpoint_every=None)
     assert args.save_strategy == "no" and args.loss_type == ["sigmoid"] and args.max_steps == -1

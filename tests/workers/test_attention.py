@@ -1,4 +1,5 @@
-"""The attention probe (DESIGN 2.4): equal to eager attention, never an L x L matrix, and the ratios."""
+"""The attention probe (DESIGN 2.4): equal to eager attention for both `attention_rows` settings, never an
+L x L matrix, and the ratios."""
 
 from __future__ import annotations
 
@@ -42,24 +43,33 @@ def pairs(noise_image):
     return prompts, candidates
 
 
-def eager_reference(handle, prompt, candidate):
-    """Eager `output_attentions=True` on one unpadded pair: rows P-1 .. P+T-2, image columns.
+def eager_reference(handle, prompt, candidate, lead=()):
+    """Eager `output_attentions=True` on one unpadded pair prompt + lead + candidate (T tokens at the end).
 
-    Returns the per-layer (heads-averaged, rows x image keys) attention and the token log-probs.
+    Returns, per `attention_rows` setting, the per-layer (heads-averaged, rows x image keys) attention:
+    `producing` reads rows L-T-1 .. L-2 (the rows whose outputs predict the candidate's tokens),
+    `answer_tokens` rows L-T .. L-1 (the rows at the candidate's tokens, as the official code's
+    `generate(...).attentions[1:]`); and the token log-probs and max log-probs of the producing rows.
     """
-    enc = handle.family.encode(handle.processor, [prompt], [candidate])
+    enc = handle.family.encode(handle.processor, [prompt], [[*lead, *candidate]])
     kwargs = {}
     if (position_ids := handle.family.position_ids(enc.inputs)) is not None:
         kwargs["position_ids"] = position_ids
     with torch.no_grad():
         out = handle.model(**enc.inputs, output_attentions=True, **kwargs)
     length, count = enc.seq_len, len(candidate)
-    rows, keys = list(range(length - count - 1, length - 1)), enc.image_positions(0)
-    per_layer = [layer[0][:, rows][:, :, keys].double().mean(dim=0) for layer in out.attentions]
-    logprobs = (
-        out.logits[0, rows].double().log_softmax(-1)[torch.arange(count), torch.tensor(candidate)].numpy()
-    )
-    return per_layer, logprobs
+    keys = enc.image_positions(0)
+    row_sets = {
+        "producing": list(range(length - count - 1, length - 1)),
+        "answer_tokens": list(range(length - count, length)),
+    }
+    per_layer = {
+        name: [layer[0][:, rows][:, :, keys].double().mean(dim=0) for layer in out.attentions]
+        for name, rows in row_sets.items()
+    }
+    steps = out.logits[0, row_sets["producing"]].double().log_softmax(-1)
+    logprobs = steps[torch.arange(count), torch.tensor(candidate)].numpy()
+    return per_layer, logprobs, steps.max(-1).values.numpy()
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
@@ -72,16 +82,35 @@ def test_probe_equals_eager_attention(family, eager_models, tiny_llava, tiny_qwe
     for layers in ([0], [1], [0, 1], None):
         results = probe(handle, prompts, candidates, layers=layers, batch_size=3)
         expected_layers = tuple(layers) if layers else (1,)  # default: the middle of 2 layers
-        for prompt, result, (per_layer, logprobs) in zip(prompts, results, references, strict=True):
-            attn = torch.stack([per_layer[i] for i in expected_layers]).mean(dim=0).mean(dim=0).numpy()
+        for prompt, result, (per_layer, logprobs, best) in zip(prompts, results, references, strict=True):
             assert result.layers == expected_layers
-            assert result.image_attention.dtype == np.float64 and result.image_attention.shape == attn.shape
-            assert np.abs(result.image_attention - attn).max() < 1e-5
+            for rows in ("producing", "answer_tokens"):
+                attn = torch.stack([per_layer[rows][i] for i in expected_layers]).mean(dim=0).mean(dim=0).numpy()
+                values = result.values(rows)
+                assert values.dtype == np.float64 and values.shape == attn.shape
+                assert np.abs(values - attn).max() < 1e-5
+                assert 0 < values.sum() <= 1
             assert np.abs(result.token_logprobs - logprobs).max() < 1e-5
+            assert np.abs(result.max_logprobs - best).max() < 1e-5
             assert result.perplexity == pytest.approx(math.exp(-logprobs.mean()), rel=1e-5)
             assert len(result.image_token_counts) == len(prompt.images) == len(result.patch_grids)
             assert sum(result.image_token_counts) == attn.shape[0]
-            assert 0 < result.image_attention.sum() <= 1
+    # The two settings read different rows: for the one-token candidate, `producing` is the prompt's last
+    # row alone (the same whatever the answer), `answer_tokens` the row at the answer's token.
+    one = probe(handle, prompts[1:2] * 2, [[80], [81]], batch_size=2)
+    assert np.array_equal(one[0].values("producing"), one[1].values("producing"))
+    assert not np.allclose(one[0].values("answer_tokens"), one[1].values("answer_tokens"))
+
+
+def test_probe_reads_the_answer_after_its_lead(eager_models, tiny_llava, pairs):
+    """Tokens the model wrote before its answer (a leading space) stand in the sequence but are no answer token."""
+    prompts, candidates = pairs
+    lead = [32]
+    result = probe(tiny_llava, prompts[:1], candidates[:1], leads=[lead])[0]
+    per_layer, logprobs, _ = eager_reference(eager_models["llava"], prompts[0], candidates[0], lead)
+    for rows in ("producing", "answer_tokens"):
+        assert np.abs(result.values(rows) - per_layer[rows][1].mean(dim=0).numpy()).max() < 1e-5
+    assert result.num_tokens == len(candidates[0]) and np.abs(result.token_logprobs - logprobs).max() < 1e-5
 
 
 def test_probe_batching_and_row_chunks_do_not_change_results(tiny_qwen, pairs, monkeypatch):
@@ -91,9 +120,10 @@ def test_probe_batching_and_row_chunks_do_not_change_results(tiny_qwen, pairs, m
     monkeypatch.setattr(attention, "_SCORE_CHUNK_ELEMENTS", 1)  # one query row per chunk
     chunked = probe(tiny_qwen, prompts, candidates, layers=[0, 1], batch_size=3)
     for a, b, c in zip(together, alone, chunked, strict=True):
-        assert np.abs(a.image_attention - b.image_attention).max() < 1e-6
+        for rows in ("producing", "answer_tokens"):
+            assert np.abs(a.values(rows) - b.values(rows)).max() < 1e-6
+            assert np.abs(a.values(rows) - c.values(rows)).max() < 1e-9  # float32 rounding only
         assert np.abs(a.token_logprobs - b.token_logprobs).max() < 1e-5
-        assert np.abs(a.image_attention - c.image_attention).max() < 1e-9  # float32 rounding only
 
 
 def test_probe_spans_are_prompt_positions(tiny_llava, pairs):
@@ -102,7 +132,8 @@ def test_probe_spans_are_prompt_positions(tiny_llava, pairs):
     enc = tiny_llava.family.encode(tiny_llava.processor, prompts[:1])
     assert result.image_spans == tuple(enc.image_spans[0]) and result.image_token_counts == (576, 576)
     assert result.patch_grids == ((24, 24), (24, 24))
-    assert result.image(1).shape == (576,) and np.array_equal(result.image(1), result.image_attention[576:])
+    assert result.image(1, "producing").shape == (576,)
+    assert np.array_equal(result.image(1, "answer_tokens"), result.values("answer_tokens")[576:])
 
 
 def test_recording_attention_leaves_the_outputs_alone(tiny_llava, pairs):
@@ -123,11 +154,11 @@ def test_recording_attention_leaves_the_outputs_alone(tiny_llava, pairs):
 def test_empty_candidate_and_bad_arguments(tiny_qwen, pairs):
     prompts, _ = pairs
     empty = probe(tiny_qwen, prompts[:1], [[]])[0]
-    assert empty.num_tokens == 0 and math.isnan(empty.perplexity)
-    assert (
-        empty.image_attention.shape == (sum(empty.image_token_counts),) and empty.image_attention.sum() == 0
-    )
-    assert math.isnan(sequence_ratio(empty, 0))
+    assert empty.num_tokens == 0 and math.isnan(empty.perplexity) and math.isnan(empty.official_perplexity(True))
+    for rows in ("producing", "answer_tokens"):
+        values = empty.values(rows)
+        assert values.shape == (sum(empty.image_token_counts),) and values.sum() == 0
+        assert math.isnan(sequence_ratio(empty, 0, rows))
     with pytest.raises(ValueError, match="layers"):
         probe(tiny_qwen, prompts[:1], [[1]], layers=[2])
     assert probe(tiny_qwen, prompts[:1], [[1]], layers=[-1])[0].layers == (1,)
@@ -145,44 +176,60 @@ def square_layout(size: int = 28) -> TokenLayout:
 
 
 def make_result(values, counts, layouts=None) -> ProbeResult:
+    values = np.asarray(values, dtype=np.float64)
     return ProbeResult(
-        image_attention=np.asarray(values, dtype=np.float64),
+        attention={"answer_tokens": values, "producing": values[::-1].copy()},
         image_token_counts=tuple(counts),
         image_spans=(),
         patch_grids=(),
         layouts=tuple(layouts or ()),
         token_logprobs=np.log([0.5, 0.25]),
         layers=(1,),
+        max_logprobs=np.log([0.5, 0.8]),
+        next_max_logprob=math.log(0.9),
     )
 
 
 def test_sequence_ratio():
     result = make_result([0.1, 0.1, 0.3, 0.2, 0.1], [2, 3])
-    assert sequence_ratio(result, 0) == pytest.approx(0.2 / 0.8)
-    assert sequence_ratio(result, 1) == pytest.approx(0.6 / 0.8)
-    assert recipe_ratio(result, "sequence", 1) == sequence_ratio(result, 1)
+    assert sequence_ratio(result, 0, "answer_tokens") == pytest.approx(0.2 / 0.8)
+    assert sequence_ratio(result, 1, "answer_tokens") == pytest.approx(0.6 / 0.8)
+    assert sequence_ratio(result, 0, "producing") == pytest.approx(0.3 / 0.8)  # the other rows' values
+    assert recipe_ratio(result, "sequence", 1, rows="answer_tokens") == sequence_ratio(result, 1, "answer_tokens")
     assert result.perplexity == pytest.approx(math.sqrt(8))
     with pytest.raises(IndexError):
-        sequence_ratio(result, 2)
+        sequence_ratio(result, 2, "answer_tokens")
+    with pytest.raises(ValueError, match="attention_rows"):
+        result.values("all")
+
+
+def test_official_perplexity_uses_max_softmax_and_the_eos_step():
+    result = make_result([0.1, 0.1], [2])
+    # exp(-mean(log 0.5, log 0.8)), and with the EOS step's max probability 0.9 for an answer that stopped.
+    assert result.official_perplexity(stopped=False) == pytest.approx((0.5 * 0.8) ** -0.5)
+    assert result.official_perplexity(stopped=True) == pytest.approx((0.5 * 0.8 * 0.9) ** (-1 / 3))
+    # The paper's statistic stays the chosen tokens' perplexity.
+    assert result.perplexity == pytest.approx((0.5 * 0.25) ** -0.5)
 
 
 def test_region_ratio_weights_tokens_by_their_area_in_the_box():
     result = make_result([0.4, 0.1, 0.2, 0.3], [4], [square_layout()])
     # Tokens row-major: (0,0)=0.4 (0,1)=0.1 (1,0)=0.2 (1,1)=0.3.
-    assert region_ratio(result, 0, (28, 28), (0, 0, 14, 28)) == pytest.approx(0.6)  # left column
+    rows = "answer_tokens"
+    assert region_ratio(result, 0, (28, 28), (0, 0, 14, 28), rows) == pytest.approx(0.6)  # left column
     # Top row, 1.5 tokens wide: all of (0,0), half of (0,1).
-    assert region_ratio(result, 0, (28, 28), (0, 0, 21, 14)) == pytest.approx(0.4 + 0.05)
-    assert recipe_ratio(result, "grid", 0, (28, 28), (14, 14, 28, 28)) == pytest.approx(0.3)
-    assert recipe_ratio(result, "pic_in_pic", 0, (28, 28), (7, 7, 21, 21)) == pytest.approx(0.25)
+    assert region_ratio(result, 0, (28, 28), (0, 0, 21, 14), rows) == pytest.approx(0.4 + 0.05)
+    assert recipe_ratio(result, "grid", 0, (28, 28), (14, 14, 28, 28), rows=rows) == pytest.approx(0.3)
+    assert recipe_ratio(result, "pic_in_pic", 0, (28, 28), (7, 7, 21, 21), rows=rows) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="image_size"):
-        region_ratio(result, 0, (30, 28), (0, 0, 14, 28))
+        region_ratio(result, 0, (30, 28), (0, 0, 14, 28), rows)
     with pytest.raises(ValueError, match="format"):
-        recipe_ratio(result, "collage", 0, (28, 28), (0, 0, 1, 1))
+        recipe_ratio(result, "collage", 0, (28, 28), (0, 0, 1, 1), rows=rows)
     with pytest.raises(ValueError, match="needs"):
-        recipe_ratio(result, "grid", 0)
+        recipe_ratio(result, "grid", 0, rows=rows)
     two = make_result([0.1] * 8, [4, 4], [square_layout(), square_layout()])
     with pytest.raises(ValueError, match="one image"):
-        recipe_ratio(two, "grid", 0, (28, 28), (0, 0, 1, 1))
+        recipe_ratio(two, "grid", 0, (28, 28), (0, 0, 1, 1), rows=rows)
 
 
 def test_candidates_holding_an_image_placeholder_are_refused(tiny_llava, pairs):
@@ -193,5 +240,5 @@ def test_candidates_holding_an_image_placeholder_are_refused(tiny_llava, pairs):
 
 def test_text_only_prompt_has_no_image_tokens(tiny_qwen):
     result = probe(tiny_qwen, [PromptInput("t", "Hello there.", [])], [[72, 105]])[0]
-    assert result.image_token_counts == () and result.image_attention.shape == (0,)
+    assert result.image_token_counts == () and result.values("producing").shape == (0,)
     assert result.num_tokens == 2 and np.isfinite(result.perplexity)

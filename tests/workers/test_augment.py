@@ -18,6 +18,7 @@ from workers.augment import (
     Recipe,
     SourceImage,
     build_prompt,
+    has_box_coordinates,
     make_recipe,
     make_recipes,
     rewrite_question,
@@ -211,6 +212,50 @@ def test_shared_image_is_never_its_own_distractor():
         assert target.sample_id == r.sample_id
         assert all(im.ref != target.ref for i, im in enumerate(r.images) if i != r.target_index)
         assert len({im.ref for im in r.images}) == r.n_images
+
+
+def test_distractors_come_from_the_targets_source():
+    """As the official code: the other images of a prompt come from the target's subset (coco, gqa, ...)
+    when it has enough; a subset too small for the prompt falls back to the whole dataset, and says so."""
+    samples = [
+        Sample(f"s{i}", ref(i), 640, 480, f"What is in picture {i}?", f"Answer {i}.", source="coco" if i < 4 else "gqa")
+        for i in range(16)
+    ]
+    source = {s.image: s.source for s in samples}
+    recipes = make_recipes(samples, num=300, seed=3)
+    fell_back = 0
+    for r in recipes:
+        own = source[r.target.ref]
+        others = [im for k, im in enumerate(r.images) if k != r.target_index]
+        if r.same_source:
+            assert all(source[im.ref] == own for im in others), r.uid
+        else:  # only a coco target with more than 3 distractors cannot be served by coco
+            assert own == "coco" and len(others) > 3, r.uid
+            fell_back += 1
+    assert 0 < fell_back < len(recipes)
+    assert Recipe.from_dict(json.loads(json.dumps(recipes[0].to_dict()))) == recipes[0]
+
+
+def test_grid_and_pic_in_pic_skip_samples_with_box_coordinates():
+    assert has_box_coordinates("the man at [0.12, 0.34, 0.56, 0.78]") and has_box_coordinates("[0.5,0.25]")
+    assert not has_box_coordinates("Image1 [left] has 3 cats.") and not has_box_coordinates("A red circle.")
+    samples = dataset(12)
+    boxed = {1, 4, 5, 9}
+    samples = [
+        Sample(s.id, s.image, s.width, s.height, "Where is [0.10, 0.20, 0.30, 0.40]?" if i in boxed else s.question, s.answer)
+        for i, s in enumerate(samples)
+    ]
+    recipes = make_recipes(samples, num=240, seed=1)
+    boxed_ids = {f"s{i}" for i in boxed}
+    for r in recipes:
+        if r.format in ("grid", "pic_in_pic"):
+            assert r.sample_id not in boxed_ids
+        else:
+            assert r.skipped == 0
+    assert any(r.skipped for r in recipes)  # some grid/pip recipe passed over a boxed sample
+    assert any(r.format == "sequence" and r.sample_id in boxed_ids for r in recipes)  # sequences keep them
+    # Deterministic, also in shards.
+    assert make_recipes(samples, num=40, seed=1, start=100) == recipes[100:140]
 
 
 def test_small_dataset_falls_back_to_a_smaller_count():

@@ -29,11 +29,15 @@ def prompts(noise_image):
 
 
 def assert_same_as_probe(handle, prompts, results, layers):
-    """Every recorded ProbeResult equals a separate probe pass on the same prompt + token ids."""
+    """Every recorded ProbeResult equals a separate probe pass on the same prompt + lead + answer ids, for
+    both `attention_rows` settings; `answer_tokens` is recorded exactly when generation ran the step at the
+    answer's last token (it stopped, or wrote whitespace after it), and absent for an answer cut there."""
     flat = [(p, c) for p, candidates in zip(prompts, results, strict=True) for c in candidates]
     separate = probe(
-        handle, [p for p, _ in flat], [c.token_ids for _, c in flat], layers=layers, batch_size=3
+        handle, [p for p, _ in flat], [c.token_ids for _, c in flat], layers=layers, batch_size=3,
+        leads=[c.lead_ids for _, c in flat],
     )
+    seen = set()
     for (_, candidate), expected in zip(flat, separate, strict=True):
         recorded = candidate.probe
         assert isinstance(recorded, ProbeResult)
@@ -41,9 +45,21 @@ def assert_same_as_probe(handle, prompts, results, layers):
         assert recorded.layers == expected.layers
         assert recorded.image_token_counts == expected.image_token_counts
         assert recorded.image_spans == expected.image_spans and recorded.patch_grids == expected.patch_grids
-        assert np.abs(recorded.image_attention - expected.image_attention).max() < 1e-5
+        assert np.abs(recorded.values("producing") - expected.values("producing")).max() < 1e-5
+        if "answer_tokens" in recorded.attention:
+            assert np.abs(recorded.values("answer_tokens") - expected.values("answer_tokens")).max() < 1e-5
+            assert recorded.next_max_logprob == pytest.approx(expected.next_max_logprob, abs=1e-5)
+            seen.add("answer_tokens" if candidate.token_ids else "empty")
+        else:  # generation never ran the step at the answer's last token: it was cut there
+            assert candidate.finish_reason == "length" and recorded.next_max_logprob is None
+            seen.add("cut")
         assert np.abs(recorded.token_logprobs - expected.token_logprobs).max() < 1e-5
+        assert np.abs(recorded.max_logprobs - expected.max_logprobs).max() < 1e-5
         assert recorded.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
+        stopped = candidate.finish_reason == "stop"
+        if recorded.num_tokens:
+            assert recorded.official_perplexity(stopped) == pytest.approx(expected.official_perplexity(stopped), rel=1e-5)
+    return seen
 
 
 def test_backend_follows_the_protocol(tiny_llava, prompts):
@@ -56,9 +72,12 @@ def test_backend_follows_the_protocol(tiny_llava, prompts):
         assert isinstance(candidate, Candidate)
         assert all(isinstance(t, int) for t in candidate.token_ids) and len(candidate.token_ids) <= 6
         assert candidate.finish_reason in {"stop", "length"}
-        assert candidate.finish_reason == "stop" or len(candidate.token_ids) == 6
+        assert len(candidate.lead_ids) + len(candidate.token_ids) <= 6
         assert tokenizer.eos_token_id not in candidate.token_ids
-        assert candidate.text == tokenizer.decode(candidate.token_ids, skip_special_tokens=True)
+        # The answer proper: stripped once, its ids those of the stripped text, whitespace before it apart.
+        assert candidate.text == tokenizer.decode(candidate.token_ids, skip_special_tokens=True).strip()
+        assert candidate.text == candidate.text.strip()
+        assert not tokenizer.decode(candidate.lead_ids, skip_special_tokens=True).strip()
         assert len(candidate.probe.image_token_counts) == len(prompt.images)
     again = backend.generate(prompts, GenerationConfig(max_new_tokens=6, batch_size=2))
     assert [c[0].token_ids for c in again] == [c[0].token_ids for c in results]  # greedy
@@ -113,4 +132,5 @@ def test_rows_after_a_sequence_stopped_are_ignored(tiny_qwen, prompts):
     first = stopped[0][0]
     assert first.finish_reason == "stop" and len(first.token_ids) <= 2
     assert len(stopped[1][0].token_ids) > len(first.token_ids)  # the batch went on after row 0 stopped
-    assert_same_as_probe(tiny_qwen, prompts[:2], stopped, [0, 1])
+    seen = assert_same_as_probe(tiny_qwen, prompts[:2], stopped, [0, 1])
+    assert seen == {"answer_tokens", "cut"}  # an EOS-terminated answer and one cut at max_new_tokens

@@ -137,6 +137,8 @@ def test_llava_json_list(store, tmp_path):
     # First turn only, `<image>` token and its newline gone.
     assert (a.id, a.question, a.answer, a.width, a.height) == ("a", "Which colour?", "Red.", 16, 12)
     assert (b.id, b.answer, b.width, b.height) == ("7", "Green.", 10, 8)
+    # The source subset is the first folder of the image path (coco/..., gqa/...), none without a folder.
+    assert (a.source, b.source) == ("images", None)
     assert read_manifest(store, "ds") == manifest
 
 
@@ -163,6 +165,18 @@ def test_simple_jsonl(store, tmp_path):
         ("q1", "How many?", "Two."),
         ("q2", "Colour?", "Green."),
     ]
+
+
+def test_source_column_wins_and_is_checked(store, tmp_path):
+    rows = [
+        {**simple_row("q1", "coco/a.jpg", "How many?", "Two."), "source": "gqa"},
+        simple_row("q2", "coco/b.png", "Colour?", "Green."),
+        {**simple_row("q3", "c.png", "Colour?", "Blue."), "source": 7},
+    ]
+    data_file = make_folder(tmp_path / "src", rows, {"coco/a.jpg": jpeg(), "coco/b.png": png(), "c.png": png()}, name="data.jsonl")
+    manifest = ingest(data_file, store, "ds", limits=LIMITS)
+    assert [s.source for s in read_samples(store, "ds")] == ["gqa", "coco"]
+    assert [(p.id, p.code) for p in manifest.problems] == [("q3", "invalid_row")]
 
 
 def test_parquet_written_by_datasets(store, tmp_path):

@@ -132,9 +132,17 @@ def echo():
     return EchoBackend()
 
 
-def _backend(url: str, **kwargs) -> OpenAIBackend:
+def _reader():
+    from workers.generate import AnswerReader
+    from workers.models.builtin import byte_level_tokenizer
+
+    return AnswerReader(byte_level_tokenizer(["<pad>"], eos_token="<pad>", pad_token="<pad>"))
+
+
+def _backend(url: str, model: str = MODEL, **kwargs) -> OpenAIBackend:
     kwargs.setdefault("backoff_s", (0.01,))
-    return OpenAIBackend(url, MODEL, **kwargs)
+    kwargs.setdefault("reader", _reader())
+    return OpenAIBackend(url, model, **kwargs)
 
 
 def test_images_and_text_round_trip_exactly(echo):
@@ -314,7 +322,7 @@ def test_bad_request_is_a_user_error_and_not_retried(echo):
                 backend.generate([PromptInput("a", "hello", [])], GenerationConfig(temperature=3.0))
             assert spy.calls == 1
             assert "HTTP 400" in err.value.message and "temperature" in err.value.message
-            wrong_model = OpenAIBackend(url, "no-such-model", backoff_s=(0.01,))
+            wrong_model = _backend(url, model="no-such-model")
             try:
                 with pytest.raises(UserError) as err:
                     wrong_model.generate([PromptInput("a", "hello", [])], GenerationConfig())
@@ -350,9 +358,11 @@ def test_server_without_token_ids_extension(echo):
             second = backend.generate([PromptInput("b", "two", [])], GenerationConfig())
         finally:
             backend.close()
-    # Refused once, then never asked again; the probe re-tokenises the text instead.
+    # Refused once, then never asked again; the ids come from re-tokenising the (stripped) text instead.
     assert ["return_token_ids" in body for body in spy.bodies] == [True, False, False]
-    assert first[0][0].token_ids == [] and second[0][0].token_ids == []
+    tokenizer = backend.reader.tokenizer
+    for (candidate,) in (first[0], second[0]):
+        assert candidate.token_ids == tokenizer(candidate.text, add_special_tokens=False)["input_ids"]
     assert json.loads(second[0][0].text)["prompt"] == "two"
 
 
@@ -377,11 +387,11 @@ def test_fewer_choices_than_asked_is_fatal():
 
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="timeout_s"):
-        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, timeout_s=0)
+        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, timeout_s=0, reader=_reader())
     with pytest.raises(ValueError, match="concurrency"):
-        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, concurrency=0)
+        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, concurrency=0, reader=_reader())
     with pytest.raises(ValueError, match="base_url"):
-        OpenAIBackend("127.0.0.1:1/v1", MODEL)
+        OpenAIBackend("127.0.0.1:1/v1", MODEL, reader=_reader())
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
@@ -416,7 +426,7 @@ def test_hf_backend_served_over_http_answers_as_in_process(tmp_path):
     # The server gets one prompt (and the request's seed) per call: compare with the same in process.
     direct = {config: [hf.generate([prompt], config)[0] for prompt in batch] for config in (greedy, sampled)}
     with serve(create_chat_app(hf, "tiny-llava")) as url:
-        backend = OpenAIBackend(url, "tiny-llava", backoff_s=(0.01,))
+        backend = OpenAIBackend(url, "tiny-llava", backoff_s=(0.01,), reader=hf.handle.answer_reader())
         try:
             remote = {config: backend.generate(batch, config) for config in (greedy, sampled)}
         finally:

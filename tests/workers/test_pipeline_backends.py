@@ -35,7 +35,7 @@ def test_openai_path_equals_hf_path(tmp_path, tiny_llava):
     via_hf = process_shard(samples, hf_config, 0, 6, handle=tiny_llava, backend=hf, load=load)
     with serve(create_chat_app(HFBackend(tiny_llava, record_attention=False), "tiny-llava")) as url:
         oa_config = PipelineConfig(num=6, seed=1, generation=gen, backend="openai", base_url=url)
-        backend = OpenAIBackend(url, "tiny-llava", backoff_s=(0.01,))
+        backend = OpenAIBackend(url, "tiny-llava", backoff_s=(0.01,), reader=tiny_llava.answer_reader())
         try:
             via_openai = process_shard(samples, oa_config, 0, 6, handle=tiny_llava, backend=backend, load=load)
         finally:

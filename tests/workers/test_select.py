@@ -7,6 +7,7 @@ from workers.select import (
     NO_RATIO,
     NOT_HALLUCINATED,
     NOT_LOWEST,
+    PERPLEXITY_GATE,
     PRESETS,
     SelectionConfig,
     select,
@@ -66,3 +67,33 @@ def test_no_pair_when_nothing_hallucinated():
 def test_ties_pick_the_first():
     _, rejected = select("yes", ["no", "nope"], [0.3, 0.3], threshold=0.7)
     assert rejected == 0
+
+
+def test_strict_comparison_and_the_official_rules():
+    # At the threshold: hallucinated with <=, not with < (the official grid and pic-in-pic rule).
+    verdicts, rejected = select("yes", ["no"], [0.5], threshold=0.5)
+    assert rejected == 0 and verdicts[0].reason == KEPT
+    verdicts, rejected = select("yes", ["no"], [0.5], threshold=0.5, strict=True)
+    assert rejected is None and verdicts[0].reason == NOT_HALLUCINATED
+    verdicts, rejected = select("yes", ["no"], [0.4999], threshold=0.5, strict=True)
+    assert rejected == 0
+    official = SelectionConfig(preset="official_code", comparison={"grid": "<", "pic_in_pic": "<"})
+    assert (official.strict("sequence"), official.strict("grid"), official.strict("pic_in_pic")) == (False, True, True)
+    assert not SelectionConfig().strict("grid")
+    with pytest.raises(ValueError, match="comparison"):
+        SelectionConfig(comparison={"grid": ">"})
+    with pytest.raises(ValueError, match="attention_rows"):
+        SelectionConfig(attention_rows="all")
+
+
+def test_perplexity_gate_drops_confident_answers_only():
+    """The official `ppl > 1.1`: a hallucinated answer written at perplexity <= 1.1 is not rejected."""
+    texts, ratios = ["A cat.", "A dog.", "A cow."], [0.1, 0.2, 0.3]
+    verdicts, rejected = select("A bird.", texts, ratios, 0.5, perplexities=[1.05, 1.1, 1.7], perplexity_gate=1.1)
+    assert [v.reason for v in verdicts] == [PERPLEXITY_GATE, PERPLEXITY_GATE, KEPT] and rejected == 2
+    verdicts, rejected = select("A bird.", texts[:2], ratios[:2], 0.5, perplexities=[1.0, float("nan")], perplexity_gate=1.1)
+    assert rejected is None and [v.reason for v in verdicts] == [PERPLEXITY_GATE, PERPLEXITY_GATE]
+    # Without a gate, perplexity plays no part.
+    assert select("A bird.", texts, ratios, 0.5, perplexities=[1.0, 1.0, 1.0])[1] == 0
+    with pytest.raises(ValueError, match="one perplexity per candidate"):
+        select("A bird.", texts, ratios, 0.5, perplexity_gate=1.1)

@@ -179,7 +179,7 @@ def judge(handle: ModelHandle, rec: Recipe, refs: dict[str, Image.Image], texts:
     results = probe(handle, [prompt] * len(texts), ids, layers=[LAYER])
     box = target_box(rec)
     size = images[0].size if box is not None else None
-    ratios = [recipe_ratio(r, rec.format, rec.target_index, size, box) for r in results]
+    ratios = [recipe_ratio(r, rec.format, rec.target_index, size, box, rows="producing") for r in results]
     assert not any(math.isnan(r) for r in ratios)
     verdicts, rejected = select(rec.answer, list(texts), ratios, PAPER.threshold(rec.format, rec.n_images))
     return images, results, ratios, [v.reason for v in verdicts], rejected
@@ -209,7 +209,7 @@ def expected_region_ratio(handle: ModelHandle, rec: Recipe, image: Image.Image, 
     red = red_patches(handle, image)
     (layout,) = result.layouts
     assert layout.leading_tokens == 0 and red.shape == (layout.num_tokens,)
-    values = result.image(0)
+    values = result.image(0, "producing")
     # The attention sits on exactly the red patches (token order = row-major patch order), evenly.
     assert values[~red].sum() < 1e-9 * values.sum()
     assert values[red].max() / values[red].min() < 1 + 1e-4
@@ -233,11 +233,11 @@ def test_steering_puts_the_attention_on_the_red_patches(steered, noise_image):
         [steered.processor.tokenizer("abc", add_special_tokens=False)["input_ids"]],
         layers=[LAYER],
     )
-    per_image = [float(result.image(i).sum()) for i in range(4)]
+    per_image = [float(result.image(i, "producing").sum()) for i in range(4)]
     assert per_image[1] > 1 - 1e-9  # of all attention, image tokens and text alike
     assert sum(per_image) - per_image[1] < 1e-9
     # Evenly over the red image's tokens: the steering ignores the position (rope_theta 1e9).
-    red = result.image(1)
+    red = result.image(1, "producing")
     assert red.max() / red.min() < 1 + 1e-4
 
 

@@ -188,8 +188,8 @@ def create_chat_app(backend: GenerationBackend, model_name: str) -> FastAPI:
                 "logprobs": None,
                 "finish_reason": candidate.finish_reason,
             }
-            if request.return_token_ids:
-                choice["token_ids"] = list(candidate.token_ids)
+            if request.return_token_ids:  # as vLLM: every generated token, whitespace before the answer too
+                choice["token_ids"] = [*candidate.lead_ids, *candidate.token_ids]
             choices.append(choice)
         completion_tokens = sum(len(c.token_ids) for c in candidates)
         return {

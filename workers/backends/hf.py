@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from workers.attention import GenerationRecording
-from workers.generate import Candidate, GenerationConfig, PromptInput
+from workers.generate import Candidate, GenerationConfig, PromptInput, split_answer
 from workers.models.base import ModelHandle
 
 
@@ -91,20 +91,24 @@ class HFBackend:
 
         new_tokens = output.sequences[:, enc.seq_len :].cpu()
         eos = torch.tensor(eos_ids)
-        lengths, reasons = [], []
+        spans, texts, reasons = [], [], []
         for row in new_tokens:
             stops = torch.nonzero(torch.isin(row, eos)).flatten()
-            lengths.append(int(stops[0]) if len(stops) else int(row.shape[0]))
+            length = int(stops[0]) if len(stops) else int(row.shape[0])
+            start, stop, text = split_answer(tokenizer, row[:length].tolist())
+            spans.append((start, stop))
+            texts.append(text)
             reasons.append("stop" if len(stops) else "length")
-        probes = recording.results(new_tokens, lengths) if recording is not None else [None] * len(lengths)
+        probes = recording.results(new_tokens, spans) if recording is not None else [None] * len(spans)
 
         candidates: list[list[Candidate]] = []
-        for i, (length, reason, probe) in enumerate(zip(lengths, reasons, probes, strict=True)):
-            ids = new_tokens[i, :length].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+        for i, ((start, stop), text, reason, probe) in enumerate(zip(spans, texts, reasons, probes, strict=True)):
+            row = new_tokens[i].tolist()
             if i % n == 0:
                 candidates.append([])
-            candidates[-1].append(Candidate(text=text, token_ids=ids, finish_reason=reason, probe=probe))
+            candidates[-1].append(
+                Candidate(text=text, token_ids=row[start:stop], finish_reason=reason, probe=probe, lead_ids=row[:start])
+            )
         return candidates
 
 

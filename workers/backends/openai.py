@@ -8,7 +8,7 @@ content parts (images as PNG data URLs), `n` candidates per request.
 Token ids: the chat API returns text only. vLLM returns the sampled ids when asked with its
 `return_token_ids` extension; we ask by default and fill `Candidate.token_ids` from the answer.
 A server that ignores the field (or an OpenAI-style server that rejects it; we then stop asking)
-leaves `token_ids` empty, and the attention probe re-tokenises the candidate's text instead.
+returns text only: the ids then come from re-tokenising the text as the model wrote it (`AnswerReader`).
 
 Image positions: the server's chat template decides where image tokens go. For `vllm serve` use a
 template that renders image parts where they stand in the content list (LLaVA-1.5's stock template
@@ -30,7 +30,7 @@ import httpx
 from PIL import Image
 
 from core.errors import FatalError, TransientError, UserError
-from workers.generate import Candidate, GenerationConfig, PromptInput
+from workers.generate import AnswerReader, Candidate, GenerationConfig, PromptInput
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class OpenAIBackend:
         backoff_s: sleep before retry i is `backoff_s[min(i, len - 1)]`.
         concurrency: prompts of a batch in flight at once.
         return_token_ids: ask for the sampled token ids (vLLM's `return_token_ids` extension).
+        reader: reads each answer (`AnswerReader` with the served model's tokenizer): stripped text, the
+            answer's token ids (from `return_token_ids`, else from re-tokenising the text as written).
     """
 
     name = "openai"
@@ -122,6 +124,7 @@ class OpenAIBackend:
         model: str,
         api_key: str | None = None,
         *,
+        reader: AnswerReader,
         timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_s: Sequence[float] = (0.5, 1.0, 2.0),
@@ -147,6 +150,7 @@ class OpenAIBackend:
         self.backoff_s = tuple(float(b) for b in backoff_s)
         self.concurrency = concurrency
         self.return_token_ids = return_token_ids
+        self.reader = reader
         self._url = f"{self.base_url}/chat/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -275,12 +279,11 @@ class OpenAIBackend:
         candidates = []
         for choice in sorted(choices, key=lambda c: c.get("index", 0)):
             message = choice.get("message") or {}
-            token_ids = choice.get("token_ids") or []
-            candidates.append(
-                Candidate(
-                    text=message.get("content") or "",
-                    token_ids=[int(t) for t in token_ids],
-                    finish_reason=choice.get("finish_reason") or "stop",
-                )
-            )
+            text = message.get("content") or ""
+            token_ids = [int(t) for t in choice.get("token_ids") or []]
+            reason = choice.get("finish_reason") or "stop"
+            if token_ids:
+                candidates.append(self.reader.from_ids(token_ids, reason, text=text))
+            else:
+                candidates.append(self.reader.from_text(text, reason))
         return candidates

@@ -25,7 +25,7 @@ from typing import Any
 
 from core.errors import FatalError, UserError
 from workers.backends.openai import content_parts
-from workers.generate import Candidate, GenerationConfig, PromptInput
+from workers.generate import AnswerReader, Candidate, GenerationConfig, PromptInput
 
 INSTALL_HINT = "pip install miadpo[vllm]"
 
@@ -92,6 +92,8 @@ class VLLMBackend:
         self._prompt_renderer = prompt_renderer
         self._sampling_params = vllm.SamplingParams
         self._llm: Any = vllm.LLM(**kwargs)
+        # Answers stripped, token ids trimmed to the answer proper, as every backend does.
+        self._reader = AnswerReader(self._llm.get_tokenizer())
 
     def generate(self, batch: Sequence[PromptInput], config: GenerationConfig) -> list[list[Candidate]]:
         """`config.num_candidates` candidates per prompt, in batch order; the engine schedules the batch.
@@ -140,14 +142,7 @@ class VLLMBackend:
                     f"vLLM returned {len(completions)} candidates for prompt {prompt.uid!r}, "
                     f"expected {config.num_candidates}"
                 )
-            results.append(
-                [
-                    Candidate(
-                        text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason or "stop"
-                    )
-                    for c in completions
-                ]
-            )
+            results.append([self._reader.from_ids(list(c.token_ids), c.finish_reason or "stop") for c in completions])
         return results
 
     def close(self) -> None:

@@ -1,10 +1,15 @@
 """What every model family provides, and the family-independent parts (DESIGN 2.3, 2.4).
 
-A family knows three things about its models: how a recipe's prompt becomes the chat text the
-model was trained on, where each image's tokens sit in `input_ids` after the processor has
-expanded the placeholders, and which pixels of the original image each of those tokens sees
-(`TokenLayout`). Everything else (batching with left padding, appending candidates, finding the
-spans) is shared and lives here.
+A family knows four things about its models: the one chat template that turns a recipe's prompt
+into the text the model was trained on (used by generation, the attention pass, training and the
+vLLM server alike), how a rendered image is fitted before any processor sees it (LLaVA-1.5: padded
+to a square), where each image's tokens sit in `input_ids` after the processor has expanded the
+placeholders, and which pixels of the image each of those tokens sees (`TokenLayout`). Everything
+else (batching with left padding, appending candidates, finding the spans) is shared and lives here.
+
+Encoding never adds special tokens: a family's template writes its BOS itself, exactly as TRL's
+collator (`add_special_tokens=False`) and vLLM's chat endpoint tokenize the same text, so the ids a
+model generates from are the ids it is trained on.
 """
 
 from __future__ import annotations
@@ -112,7 +117,9 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]  # family name, e.g. "llava"
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this family handles
-    tiny_name: ClassVar[str | None] = None  # built-in tiny model of this family, if any
+    # The conversation format of the family (jinja, as `processor.apply_chat_template` renders it):
+    # set on every processor the family loads, whatever template the checkpoint ships.
+    chat_template: ClassVar[str]
     # Inputs laid out along the sequence (left padded, extended by candidates) and their pad value.
     sequence_keys: ClassVar[dict[str, int]] = {"attention_mask": 0}
 
@@ -131,8 +138,28 @@ class ModelFamily(ABC):
     def chat_text(self, processor: Any, prompt: str) -> str:
         """The full text the model sees for one user turn, ending where the answer starts."""
         return processor.apply_chat_template(
-            self.messages(prompt), add_generation_prompt=True, tokenize=False
+            self.messages(prompt), add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
         )
+
+    def fit_images(
+        self, processor: Any, images: Sequence[Image.Image]
+    ) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+        """The images as the model is given them, and where each rendered image's (0, 0) lands in them.
+
+        Every stage that hands images to the model or stores them for training calls this once on the
+        rendered images (generation, the attention pass, the export), so all of them see the same pixels;
+        a region of a rendered image (a grid cell, the inset) moves by the returned offset. The default
+        is the images as they are.
+        """
+        return list(images), [(0, 0)] * len(images)
+
+    def prepare_processor(self, processor: Any) -> Any:
+        """The processor with the family's chat template (what TRL's collator and `chat_text` render)."""
+        processor.chat_template = self.chat_template
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.chat_template = self.chat_template
+        return processor
 
     # -- what a family must say about its models --------------------------------------------------
 
@@ -153,10 +180,6 @@ class ModelFamily(ABC):
         self, processor: Any, image_inputs: dict[str, Any], images: Sequence[Image.Image]
     ) -> list[TokenLayout]:
         """Layout of each image's tokens, from the processor output of one prompt and its images."""
-
-    @abstractmethod
-    def build_tiny(self, path: Path, seed: int) -> None:
-        """Write a tiny randomly initialised model of this family (model + processor) into `path`."""
 
     def placeholder_token_ids(self, processor: Any) -> list[int]:
         """Tokens that stand for image (or video) features: a candidate can never contain them."""
@@ -206,7 +229,8 @@ class ModelFamily(ABC):
                 )
             text = self.chat_text(processor, item.prompt)
             images = list(item.images)
-            out = processor(text=[text], images=images or None, return_tensors="pt")
+            # The template wrote the BOS (if the family has one): the tokenizer must not add another.
+            out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
             seq = {k: out[k][0] for k in pad_values if k in out}
             prompt_lengths.append(int(seq["input_ids"].shape[0]))
             cand = [int(t) for t in candidates[i]] if candidates is not None else []
@@ -290,6 +314,12 @@ class ModelHandle:
     def text_config(self) -> Any:
         config = self.model.config
         return getattr(config, "text_config", config)
+
+    def answer_reader(self) -> Any:
+        """A `workers.generate.AnswerReader` for this model's tokenizer."""
+        from workers.generate import AnswerReader
+
+        return AnswerReader(self.processor.tokenizer)
 
     @property
     def num_layers(self) -> int:

@@ -1,11 +1,23 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`, e.g. llava-hf/llava-1.5-7b-hf).
 
 Every image becomes 576 tokens: a 24x24 grid of 14 px CLIP patches of a 336x336 input, CLS dropped.
-How the original image reaches those 336x336 pixels depends on the image processor's config:
-llava-hf/llava-1.5-7b-hf ships a `CLIPImageProcessor` (resize the shortest edge to 336, then
-centre-crop 336x336: the sides of a wide image are cut off); `LlavaImageProcessor` with
-`do_pad=True` first pads the image to a square with the mean colour (the original LLaVA's "pad"
-aspect mode). `token_layouts` follows whichever the checkpoint uses.
+
+Image fitting. llava-hf/llava-1.5-7b-hf ships a `CLIPImageProcessor` that resizes the shortest edge
+to 336 and centre-crops 336x336: the sides of a wide image are cut off (a 1x3 grid collage keeps 6 % /
+100 % / 5 % of its cells). LLaVA-1.5 was trained, and MIA-DPO's official code generates and trains,
+with every image first padded to a square with the processor's mean colour ("expand2square",
+`image_aspect_ratio="pad"`). `fit_images` does exactly that before any processor sees an image, so the
+processor's resize is then a plain scale, its crop a no-op, and generation, the attention pass, the
+exported pairs and training all see the same square (the export stores it, so a stock processor trains
+on it correctly). `token_layouts` still follows whatever the processor does (a `LlavaImageProcessor`
+with `do_pad`, a crop), which on a square input is the identity map.
+
+Chat template. The family's one conversation format is LLaVA-1.5's own training format, vicuna_v1
+(its system prompt, `USER: ... ASSISTANT: ...</s>`), with each image where the prompt puts it and the
+BOS written by the template. llava-hf's shipped template renders all of a turn's images first
+(`<image>\n<image>\n... Image1: Image2: In Image2, ...`), which would cut MIA-DPO's labels off their
+images; the official code generates with `llava_v0` but trains with `vicuna_v1`: one template for both
+is what makes the rejected answers the model's own answers to the prompt it is trained on.
 """
 
 from __future__ import annotations
@@ -20,32 +32,66 @@ import torch
 from PIL import Image
 
 from workers.models.base import ModelFamily, TokenLayout
-from workers.models.tiny import byte_level_tokenizer
+from workers.models.builtin import BuiltinModel, byte_level_tokenizer
 
-# Interleaves text and images in the order given, so `<image>` lands where the recipe put it, and
-# renders the LLaVA-1.5 conversation format ("USER: ... ASSISTANT:").
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}ASSISTANT: {% else %}USER: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+# vicuna_v1 as LLaVA's `conv_vicuna_v1` writes it (SeparatorStyle.TWO, sep " ", sep2 "</s>"):
+#   <s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT:
+# with a message's image parts rendered as `<image>` where they stand among its text parts.
+VICUNA_V1_TEMPLATE = (
+    "{{- '<s>' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in turns -%}"
+    "{{- 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- ' ' if message['role'] == 'user' else '</s>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+# The chat template llava-hf/llava-1.5-7b-hf ships (all images of a turn first, then its text): what
+# the built-in `tiny-llava-hf` saves, so the tests see a checkpoint whose own template is the wrong one.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
+    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 
 class LlavaFamily(ModelFamily):
     name = "llava"
     model_types = ("llava",)
-    tiny_name = "tiny-llava"
+    chat_template = VICUNA_V1_TEMPLATE
 
-    def chat_text(self, processor: Any, prompt: str) -> str:
-        # The LLaVA-1.5 format, written out: the llava-hf chat template renders all of a turn's
-        # images before its text, which would move "Image2:<image>" away from its label.
-        return f"USER: {prompt} ASSISTANT:"
+    def fit_images(
+        self, processor: Any, images: Sequence[Image.Image]
+    ) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+        """Each image padded to a square with the processor's mean colour, centred (LLaVA's expand2square)."""
+        fill = pad_colour(processor.image_processor)
+        out, offsets = [], []
+        for image in images:
+            padded, offset = expand2square(image, fill)
+            out.append(padded)
+            offsets.append(offset)
+        return out, offsets
 
     def load_model(self, path: str | Path, **kwargs: Any) -> torch.nn.Module:
         from transformers import LlavaForConditionalGeneration
@@ -55,7 +101,7 @@ class LlavaFamily(ModelFamily):
     def load_processor(self, path: str | Path, **kwargs: Any) -> Any:
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, **kwargs)
+        return self.prepare_processor(AutoProcessor.from_pretrained(path, **kwargs))
 
     def image_token_id(self, processor: Any) -> int:
         return int(processor.image_token_id)
@@ -79,76 +125,99 @@ class LlavaFamily(ModelFamily):
             layouts.append(layout)
         return layouts
 
-    def build_tiny(self, path: Path, seed: int) -> None:
-        from transformers import (
-            CLIPImageProcessorPil,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
 
-        tokenizer = byte_level_tokenizer(
-            ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-            bos_token="<s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            add_bos=True,
-        )
-        # The real model's geometry (336 px, 14 px patches -> 24x24 = 576 tokens), tiny widths.
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
+
+def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """`image` centred on a square of colour `fill` (LLaVA's expand2square), and where its (0, 0) went."""
+    width, height = image.size
+    if width == height:
+        return image, (0, 0)
+    side = max(width, height)
+    offset = (0, (width - height) // 2) if width > height else ((height - width) // 2, 0)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, offset)
+    return square, offset
+
+
+def pad_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's mean colour in 0..255, truncated as LLaVA's `tuple(int(x*255) for x in image_mean)`."""
+    mean = image_processor.image_mean
+    if isinstance(mean, int | float):
+        mean = [mean] * 3
+    r, g, b = (int(float(x) * 255) for x in mean)
+    return (r, g, b)
+
+
+def build_tiny_llava(path: Path, seed: int, chat_template: str = VICUNA_V1_TEMPLATE) -> None:
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = byte_level_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos=True,
+    )
+    # The real model's geometry (336 px, 14 px patches -> 24x24 = 576 tokens), tiny widths.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+
+    def ids(token: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(token_id, int)
+        return token_id
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=336,
             patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=TINY_CHAT_TEMPLATE,
-        )
-
-        def ids(token: str) -> int:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            assert isinstance(token_id, int)
-            return token_id
-
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(
-                image_size=336,
-                patch_size=14,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                projection_dim=32,
-            ),
-            text_config=LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                max_position_embeddings=8192,
-                bos_token_id=ids("<s>"),
-                eos_token_id=ids("</s>"),
-                pad_token_id=ids("<pad>"),
-            ),
-            image_token_index=ids("<image>"),
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlavaForConditionalGeneration(config)
-        model.generation_config.bos_token_id = ids("<s>")
-        model.generation_config.eos_token_id = ids("</s>")
-        model.generation_config.pad_token_id = ids("<pad>")
-        processor.save_pretrained(path)
-        model.save_pretrained(path)
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=8192,
+            bos_token_id=ids("<s>"),
+            eos_token_id=ids("</s>"),
+            pad_token_id=ids("<pad>"),
+        ),
+        image_token_index=ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.bos_token_id = ids("<s>")
+    model.generation_config.eos_token_id = ids("</s>")
+    model.generation_config.pad_token_id = ids("<pad>")
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
 
 
 def pixel_layout(
@@ -235,3 +304,17 @@ def _resize_hw(size: Any, height: int, width: int) -> tuple[int, int]:
 
 
 FAMILY = LlavaFamily()
+BUILTINS = (
+    BuiltinModel(
+        "tiny-llava",
+        FAMILY.name,
+        "LLaVA-1.5 architecture, real image geometry (336 px, 576 tokens), tiny random weights",
+        build=build_tiny_llava,
+    ),
+    BuiltinModel(
+        "tiny-llava-hf",
+        FAMILY.name,
+        "tiny-llava saved as llava-hf ships LLaVA-1.5: centre-cropping CLIP processor, images-first chat template",
+        build=lambda path, seed: build_tiny_llava(path, seed, chat_template=LLAVA_HF_TEMPLATE),
+    ),
+)

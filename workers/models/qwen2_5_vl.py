@@ -19,10 +19,11 @@ from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from workers.models.base import ModelFamily, TokenLayout
-from workers.models.tiny import byte_level_tokenizer
+from workers.models.builtin import BuiltinModel, byte_level_tokenizer
 
-# Qwen's own template, reduced to what the pipeline uses: default system turn, images in place.
-TINY_CHAT_TEMPLATE = (
+# The family's one conversation format: Qwen2.5-VL's own chatml template reduced to what the pipeline
+# uses (the default system turn, each image where it stands, no vision ids); no BOS.
+CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -58,7 +59,7 @@ class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
 class Qwen2_5_VLFamily(ModelFamily):
     name = "qwen2.5-vl"
     model_types = ("qwen2_5_vl",)
-    tiny_name = "tiny-qwen2.5-vl"
+    chat_template = CHAT_TEMPLATE
     sequence_keys: ClassVar[dict[str, int]] = {"attention_mask": 0, "mm_token_type_ids": 0}
 
     def load_model(self, path: str | Path, **kwargs: Any) -> torch.nn.Module:
@@ -67,7 +68,7 @@ class Qwen2_5_VLFamily(ModelFamily):
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
 
     def load_processor(self, path: str | Path, **kwargs: Any) -> Any:
-        return Qwen2_5_VLImageProcessor.from_pretrained(path, **kwargs)
+        return self.prepare_processor(Qwen2_5_VLImageProcessor.from_pretrained(path, **kwargs))
 
     def image_token_id(self, processor: Any) -> int:
         return int(processor.image_token_id)
@@ -102,86 +103,96 @@ class Qwen2_5_VLFamily(ModelFamily):
             )
         return layouts
 
-    def build_tiny(self, path: Path, seed: int) -> None:
-        from transformers import (
-            Qwen2_5_VLConfig,
-            Qwen2_5_VLForConditionalGeneration,
-            Qwen2VLImageProcessorPil,
-        )
 
-        tokenizer = byte_level_tokenizer(
-            [
-                "<|endoftext|>",
-                "<|im_start|>",
-                "<|im_end|>",
-                "<|vision_start|>",
-                "<|vision_end|>",
-                "<|image_pad|>",
-                "<|video_pad|>",
-            ],
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-        )
-        # The real patch (14) and merge (2) sizes; few pixels, so an image is 4 to 64 tokens.
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=28 * 28 * 4,
-            max_pixels=28 * 28 * 64,
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
-        )
-        processor = Qwen2_5_VLImageProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE
-        )
 
-        def ids(token: str) -> int:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            assert isinstance(token_id, int)
-            return token_id
+def build_tiny_qwen(path: Path, seed: int) -> None:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
-        config = Qwen2_5_VLConfig(
-            text_config={
-                "vocab_size": len(tokenizer),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,  # grouped-query attention, as the real model
-                "max_position_embeddings": 8192,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [2, 3, 3],
-                    "rope_theta": 1000000.0,
-                },
-                "bos_token_id": ids("<|endoftext|>"),
-                "eos_token_id": ids("<|im_end|>"),
-                "pad_token_id": ids("<|endoftext|>"),
+    tokenizer = byte_level_tokenizer(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    # The real patch (14) and merge (2) sizes; few pixels, so an image is 4 to 64 tokens.
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28 * 4,
+        max_pixels=28 * 28 * 64,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    processor = Qwen2_5_VLImageProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+    def ids(token: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(token_id, int)
+        return token_id
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,  # grouped-query attention, as the real model
+            "max_position_embeddings": 8192,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1000000.0,
             },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "window_size": 112,
-                "fullatt_block_indexes": [1],
-            },
-            image_token_id=ids("<|image_pad|>"),
-            video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"),
-            vision_end_token_id=ids("<|vision_end|>"),
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2_5_VLForConditionalGeneration(config)
-        model.generation_config.bos_token_id = ids("<|endoftext|>")
-        model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-        model.generation_config.pad_token_id = ids("<|endoftext|>")
-        processor.save_pretrained(path)
-        model.save_pretrained(path)
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.bos_token_id = ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
 
 
 FAMILY = Qwen2_5_VLFamily()
+BUILTINS = (
+    BuiltinModel(
+        "tiny-qwen2.5-vl",
+        FAMILY.name,
+        "Qwen2.5-VL architecture, real patch and merge sizes, few pixels per image, tiny random weights",
+        build=build_tiny_qwen,
+    ),
+)

@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 from core.errors import UserError
 from core.settings import Settings
 from workers.generate import PromptInput
-from workers.models import FAMILIES, family_for, image_spans, load_model, tiny_models
+from workers.models import BUILTINS, FAMILIES, family_for, image_spans, load_model
+from workers.models.builtin import BuiltinModel, ensure_builtin
 from workers.models.llava import FAMILY as LLAVA
+from workers.models.llava import LLAVA_HF_TEMPLATE, VICUNA_V1_SYSTEM, build_tiny_llava
 from workers.models.qwen2_5_vl import FAMILY as QWEN
-from workers.models.tiny import ensure_tiny
+from workers.models.qwen2_5_vl import build_tiny_qwen
 
 
 def sequence_prompt(n: int) -> str:
@@ -22,11 +24,12 @@ def sequence_prompt(n: int) -> str:
     return f"{lines}\nIn Image{n}, what colour is the cube?"
 
 
-def test_registry_has_both_families_and_their_tiny_models():
+def test_registry_has_both_families_and_their_builtin_models():
     assert set(FAMILIES) == {"llava", "qwen2.5-vl"}
     assert family_for("llava") is LLAVA
     assert family_for("qwen2_5_vl") is QWEN
-    assert tiny_models() == {"tiny-llava": LLAVA, "tiny-qwen2.5-vl": QWEN}
+    builtin_families = {name: model.family for name, model in BUILTINS.items()}
+    assert {"tiny-llava": "llava", "tiny-llava-hf": "llava", "tiny-qwen2.5-vl": "qwen2.5-vl"}.items() <= builtin_families.items()
 
 
 def test_unknown_model_type_is_a_user_error_naming_the_families(tmp_path: Path):
@@ -57,30 +60,27 @@ def test_tiny_models_load_from_the_data_dir_and_by_path(tiny_llava, tiny_qwen, t
             assert k == k2 and torch.equal(v, v2)
 
 
-@pytest.mark.parametrize("family", [LLAVA, QWEN], ids=lambda f: f.name)
-def test_tiny_build_is_seeded(family, tmp_path: Path):
-    family.build_tiny(tmp_path / "a", seed=0)
-    family.build_tiny(tmp_path / "b", seed=0)
+@pytest.mark.parametrize("build", [build_tiny_llava, build_tiny_qwen], ids=["llava", "qwen"])
+def test_tiny_build_is_seeded(build, tmp_path: Path):
+    build(tmp_path / "a", 0)
+    build(tmp_path / "b", 0)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ensure_tiny_keeps_the_first_complete_build(tmp_path: Path):
-    class Racer:
+def test_ensure_builtin_keeps_the_first_complete_build(tmp_path: Path):
+    def build(path: Path, seed: int) -> None:
         """Another worker finishes the same model while this one is still building."""
+        other = tmp_path / "models" / "tiny-racer"
+        other.mkdir(parents=True)
+        (other / "config.json").write_text('{"by": "other"}')
+        (path / "config.json").write_text('{"by": "us"}')
 
-        name, tiny_name = "racer", "tiny-racer"
-
-        def build_tiny(self, path: Path, seed: int) -> None:
-            other = tmp_path / "models" / "tiny-racer"
-            other.mkdir(parents=True)
-            (other / "config.json").write_text('{"by": "other"}')
-            (path / "config.json").write_text('{"by": "us"}')
-
-    target = ensure_tiny(Racer(), tmp_path)  # type: ignore[arg-type]
+    racer = BuiltinModel("tiny-racer", "llava", "a race", build=build)
+    target = ensure_builtin(racer, tmp_path)
     assert (target / "config.json").read_text() == '{"by": "other"}'
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-racer"]  # no staging left behind
-    assert ensure_tiny(Racer(), tmp_path) == target  # complete: not rebuilt (would fail: exists)
+    assert ensure_builtin(racer, tmp_path) == target  # complete: not rebuilt (would fail: exists)
 
 
 def test_messages_keep_images_where_the_recipe_put_them():
@@ -103,17 +103,23 @@ def test_messages_keep_images_where_the_recipe_put_them():
     ]
 
 
-def test_chat_text_per_family(tiny_llava, tiny_qwen):
+def test_chat_text_per_family(tiny_llava, tiny_qwen, tiny_model_settings):
     prompt = "Image1:<image>\nImage2:<image>\nIn Image2, why?"
     llava_text = LLAVA.chat_text(tiny_llava.processor, prompt)
-    assert llava_text == f"USER: {prompt} ASSISTANT:"
-    # The tiny model's own chat template says the same (TRL renders the exported pairs with it).
-    assert (
-        tiny_llava.processor.apply_chat_template(
-            LLAVA.messages(prompt), add_generation_prompt=True, tokenize=False
+    # vicuna_v1 as LLaVA-1.5 was trained with it; the BOS written by the template.
+    assert llava_text == f"<s>{VICUNA_V1_SYSTEM} USER: {prompt} ASSISTANT:"
+    # The processor a family loads renders the same (TRL renders the exported pairs with it), also for a
+    # checkpoint that ships llava-hf's images-first template.
+    hf_like = load_model("tiny-llava-hf", tiny_model_settings).processor
+    saved = (tiny_model_settings.data_dir / "models" / "tiny-llava-hf" / "chat_template.jinja")
+    assert saved.read_text() == LLAVA_HF_TEMPLATE  # the checkpoint's own template is the wrong one
+    for processor in (tiny_llava.processor, hf_like):
+        assert (
+            processor.apply_chat_template(LLAVA.messages(prompt), add_generation_prompt=True, tokenize=False)
+            == llava_text
         )
-        == llava_text
-    )
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "A red cube."}]}]
+    assert hf_like.apply_chat_template(LLAVA.messages(prompt) + answer, tokenize=False) == llava_text + " A red cube.</s>"
     assert QWEN.chat_text(tiny_qwen.processor, prompt) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "Image1:<|vision_start|><|image_pad|><|vision_end|>\nImage2:<|vision_start|><|image_pad|><|vision_end|>\n"
@@ -200,6 +206,8 @@ def test_spans_split_adjacent_images_and_candidates_extend_rows(tiny_llava, nois
         PromptInput("b", "<image>x", [image]),
     ]
     enc = LLAVA.encode(tiny_llava.processor, prompts, candidates=[[65, 66, 67], []])
+    assert [int(enc.inputs["input_ids"][b, enc.pad[b]]) for b in range(2)] == [tiny_llava.processor.tokenizer.bos_token_id] * 2
+    assert int((enc.inputs["input_ids"] == tiny_llava.processor.tokenizer.bos_token_id).sum()) == 2  # one BOS per row
     first = enc.image_spans[0]
     assert first[0][1] == first[1][0] and [e - s for s, e in first] == [576, 576]
     assert enc.candidate_lengths == [3, 0]

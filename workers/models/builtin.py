@@ -1,9 +1,11 @@
-"""Built-in tiny models (DESIGN 4): randomly initialised, seeded, built offline, saved once.
+"""Built-in models (DESIGN 4, 6): names that need no download.
 
-Each family knows how to build its tiny model (`ModelFamily.build_tiny`); this module holds what
-they share: a byte-level tokenizer made in code, and the one-time, concurrency-safe build into
-`{data_dir}/models/{name}` (build into a temporary directory, then rename it into place: a worker
-sees either no model or a complete one, and when two build at once the loser drops its copy).
+Each family module lists its built-in models (`BUILTINS`): tiny randomly initialised ones, built
+offline from a config and seeded, and trained ones whose weights ship with the package. This module
+holds what they share: the registry entry, a byte-level tokenizer made in code, and the one-time,
+concurrency-safe build into `{data_dir}/models/{name}` (build into a temporary directory, then rename
+it into place: a worker sees either no model or a complete one, and when two build at once the loser
+drops its copy).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +22,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-    from workers.models.base import ModelFamily
 
 TINY_SEED = 0
 _COMPLETE = "config.json"  # a target directory only ever appears complete (renamed into place)
@@ -66,21 +67,37 @@ def byte_level_tokenizer(
     )
 
 
-def tiny_path(name: str, data_dir: Path) -> Path:
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model name that resolves without a download: built from code on first use, or shipped."""
+
+    name: str
+    family: str  # the `ModelFamily.name` it belongs to
+    description: str
+    build: Callable[[Path, int], None] | None = None  # writes a seeded random model + processor into a folder
+    packaged: Path | None = None  # a folder inside the package holding trained weights + processor
+
+    def __post_init__(self) -> None:
+        if (self.build is None) == (self.packaged is None):
+            raise ValueError(f"built-in model {self.name!r} needs exactly one of build and packaged")
+
+
+def builtin_path(name: str, data_dir: Path) -> Path:
     return Path(data_dir) / "models" / name
 
 
-def ensure_tiny(family: ModelFamily, data_dir: Path, seed: int = TINY_SEED) -> Path:
-    """The directory of `family`'s tiny model under `data_dir`, built on first use."""
-    if family.tiny_name is None:
-        raise ValueError(f"family {family.name!r} has no tiny model")
-    target = tiny_path(family.tiny_name, data_dir)
+def ensure_builtin(model: BuiltinModel, data_dir: Path, seed: int = TINY_SEED) -> Path:
+    """The folder of a built-in model: the packaged one, or `{data_dir}/models/{name}`, built on first use."""
+    if model.packaged is not None:
+        return model.packaged
+    assert model.build is not None
+    target = builtin_path(model.name, data_dir)
     if (target / _COMPLETE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family.tiny_name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
     try:
-        family.build_tiny(staging, seed)
+        model.build(staging, seed)
         try:
             os.rename(staging, target)
         except OSError:
