@@ -13,7 +13,7 @@ from redis import Redis
 from app.errors import install_error_handlers
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install as install_openapi
-from app.routes import datasets, health, pairsets, trainings
+from app.routes import datasets, evaluations, health, pairsets, trainings
 from core import records
 from core.settings import Settings, get_settings
 from core.store import ArtifactStore
@@ -59,5 +59,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(pairsets.router)
     app.include_router(trainings.router)
+    app.include_router(evaluations.router)
     install_openapi(app)  # last: the document covers every route
     return app

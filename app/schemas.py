@@ -20,6 +20,10 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+AugmentFormat = Literal["sequence", "grid", "pic_in_pic"]
+_ALL_FORMATS: list[AugmentFormat] = ["sequence", "grid", "pic_in_pic"]
+
+
 class ErrorBody(BaseModel):
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, conflict_error, ...")
     code: str | None = Field(description="Machine-readable reason, e.g. dataset_not_ready.")
@@ -158,6 +162,31 @@ class TrainingHyperparameters(_Request):
         return self
 
 
+# --------------------------------------------------------------------------------------------------
+# Evaluations (used by trainings' `evaluation` too)
+
+
+class EvaluationSpec(_Request):
+    """What to evaluate on: held-out prompts made the MIA-DPO way from a dataset with ground truth."""
+
+    dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset of yours, held out from training.")
+    formats: list[AugmentFormat] = Field(
+        default_factory=lambda: list(_ALL_FORMATS), min_length=1, max_length=3,
+        description="Formats of the multi-image prompts (each sample is also asked alone).",
+    )  # fmt: skip
+    num: int = Field(100, ge=1, le=100_000, description="Multi-image prompts.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Same seed, same prompts.")
+    max_new_tokens: int = Field(32, ge=1, le=8192, description="Most new tokens per answer.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per generate call.")
+    shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard job.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSpec:
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats must not repeat")
+        return self
+
+
 class TrainingSpec(_Request):
     """What to train on a pair set: the `train` of a pair set, and the body of a training besides `pairset_id`."""
 
@@ -172,6 +201,11 @@ class TrainingSpec(_Request):
     hyperparameters: TrainingHyperparameters = Field(default_factory=TrainingHyperparameters)
     checkpoint_every: int = Field(
         100, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (and one at the last step)."
+    )
+    evaluation: EvaluationSpec | None = Field(
+        None,
+        description="Evaluate the base model and the trained adapter on these held-out prompts once the training has "
+        "succeeded; the training shows both results side by side.",
     )
 
     @model_validator(mode="after")
@@ -194,8 +228,6 @@ class TrainingSpec(_Request):
 # --------------------------------------------------------------------------------------------------
 # Pair sets
 
-AugmentFormat = Literal["sequence", "grid", "pic_in_pic"]
-_ALL_FORMATS: list[AugmentFormat] = ["sequence", "grid", "pic_in_pic"]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -452,10 +484,25 @@ class Training(BaseModel):
     )
     checkpoints: TrainingCheckpoints
     adapter: TrainingAdapter | None = Field(description="The trained adapter, once the training has succeeded.")
+    evaluation: TrainingEvaluation | None = Field(None, description="Base model vs adapter, when `evaluation` was asked for.")
     error: ResourceError | None
     created_at: int
     started_at: int | None
     finished_at: int | None
+
+
+class TrainingEvaluationEntry(BaseModel):
+    id: str = Field(description="The evaluation (ev_...).")
+    status: str
+    result: dict[str, Any] | None = Field(description="Its result once it has succeeded (see Evaluation.result).")
+
+
+class TrainingEvaluation(BaseModel):
+    """A training's own evaluation: the base model and the adapter on the same prompts."""
+
+    request: EvaluationSpec
+    base: TrainingEvaluationEntry | None = Field(description="The base model's evaluation, once the training has succeeded.")
+    adapter: TrainingEvaluationEntry | None = Field(description="The adapter's evaluation, once the training has succeeded.")
 
 
 class TrainingList(BaseModel):
@@ -476,4 +523,66 @@ class TrainingCheckpoint(BaseModel):
 class TrainingCheckpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[TrainingCheckpoint]
+    has_more: bool
+
+
+class EvaluationCreate(EvaluationSpec):
+    model: str = Field(
+        "tiny-llava", min_length=1, max_length=512,
+        description="The model to evaluate (HF model id, local path, or a built-in model); with `training_id`, "
+        "default: that training's model.",
+    )  # fmt: skip
+    training_id: str | None = Field(
+        None, min_length=1, max_length=64, description="Evaluate this succeeded training's adapter (merged into the model)."
+    )
+
+
+class Evaluation(BaseModel):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    model: str
+    training_id: str | None
+    dataset_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str | None = Field(description="generate, then summarise.")
+    progress: PairSetProgress = Field(description="Multi-image prompts answered (with their single-image twin).")
+    result: dict[str, Any] | None = Field(
+        description="Once succeeded: `matching_rule`; `multi_image` {n, accuracy, format_average, confused_rate, "
+        "per_format, per_image_count}; `single_image` {n, accuracy}; `attention_auc` per format and attention_rows "
+        "setting (how well the attention ratio tells right answers from confused ones)."
+    )
+    error: ResourceError | None
+    config: EvaluationCreate = Field(description="The create request, defaults filled in.")
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+
+class EvaluationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Evaluation]
+    has_more: bool
+
+
+class EvaluationSample(BaseModel):
+    """One prompt of an evaluation: what the model said, the truth of every image, the verdicts."""
+
+    uid: str = Field(description="`{seed}-{index}`; use it as `after` for the next page.")
+    sample_id: str
+    format: Literal["sequence", "grid", "pic_in_pic"]
+    n_images: int
+    target_index: int
+    prompt: str
+    answer: str
+    truth: str
+    truths: list[str | None] = Field(description="Per image, its answer to the question (null: the dataset has none).")
+    correct: bool
+    confused_with: int | None = Field(description="The other image whose truth the answer gave, if any.")
+    ratios: dict[str, float | None] = Field(description="The answer's attention ratio per attention_rows setting.")
+    single: dict[str, Any] = Field(description="The sample asked alone: {prompt, answer, correct}.")
+
+
+class EvaluationSampleList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvaluationSample]
     has_more: bool

@@ -101,22 +101,39 @@ def enqueue_ingest(connection: Redis, dataset_id: str, *, settings: Settings) ->
     )
 
 
+def start_job_id(kind: str, resource_id: str) -> str:
+    return f"{kind}-{resource_id}"
+
+
+def shard_job_id(kind: str, resource_id: str, index: int) -> str:
+    return f"{kind}-{resource_id}-shard-{index:05d}"
+
+
+def merge_job_id(kind: str, resource_id: str) -> str:
+    return f"{kind}-{resource_id}-merge"
+
+
+def sharded_job_ids(kind: str, resource_id: str, num_shards: int) -> list[str]:
+    """Every job of a sharded job (pair set, evaluation): the start job, its shard jobs, the merge."""
+    shards = [shard_job_id(kind, resource_id, i) for i in range(num_shards)]
+    return [start_job_id(kind, resource_id), *shards, merge_job_id(kind, resource_id)]
+
+
 def pairset_job_id(pairset_id: str) -> str:
-    return f"pairset-{pairset_id}"
+    return start_job_id(records.PAIRSET, pairset_id)
 
 
 def pairset_shard_job_id(pairset_id: str, index: int) -> str:
-    return f"pairset-{pairset_id}-shard-{index:05d}"
+    return shard_job_id(records.PAIRSET, pairset_id, index)
 
 
 def pairset_merge_job_id(pairset_id: str) -> str:
-    return f"pairset-{pairset_id}-merge"
+    return merge_job_id(records.PAIRSET, pairset_id)
 
 
 def pairset_job_ids(pairset_id: str, num_shards: int) -> list[str]:
     """Every job of a pair set: the start job, its shard jobs, the merge."""
-    shards = [pairset_shard_job_id(pairset_id, i) for i in range(num_shards)]
-    return [pairset_job_id(pairset_id), *shards, pairset_merge_job_id(pairset_id)]
+    return sharded_job_ids(records.PAIRSET, pairset_id, num_shards)
 
 
 def enqueue_pairset(connection: Redis, pairset_id: str, *, settings: Settings) -> Job:
@@ -145,27 +162,35 @@ def _enqueue_once(
         return enqueue(connection, settings, queue_name, func, *args, job_id=job_id, **kwargs)
 
 
-def enqueue_pairset_shards(
-    connection: Redis, pairset_id: str, num_shards: int, *, settings: Settings
+def _enqueue_shards(
+    connection: Redis,
+    kind: str,
+    resource_id: str,
+    num_shards: int,
+    *,
+    shard_func: str,
+    merge_func: str,
+    timeout: int,
+    settings: Settings,
 ) -> list[Job]:
-    """The pair set's job graph: one `workers.tasks.run_pairset_shard` job per shard on the gpu queue,
-    then `workers.tasks.merge_pairset` on the cpu queue once every shard has succeeded.
+    """A sharded job's graph (pair sets, evaluations): one `shard_func(id, i)` job per shard on the gpu queue,
+    then `merge_func(id)` on the cpu queue once every shard has succeeded.
 
     A shard that fails for good never lets the merge run (`allow_failure=False`): the merge would wait
-    in RQ's deferred registry for ever, so the shard's failure callback fails the pair set and
-    `stop_pairset` cancels the merge. Returns the shard jobs and the merge job, in that order.
+    in RQ's deferred registry for ever, so the shard's failure callback fails the resource and stops
+    the merge. Returns the shard jobs and the merge job, in that order.
     """
-    resource = (records.PAIRSET, pairset_id)
+    resource = (kind, resource_id)
     shards = [
         _enqueue_once(
             connection,
             settings,
             GPU,
-            "workers.tasks.run_pairset_shard",
-            pairset_id,
+            shard_func,
+            resource_id,
             i,
-            job_id=pairset_shard_job_id(pairset_id, i),
-            timeout=settings.pairset_timeout_s,
+            job_id=shard_job_id(kind, resource_id, i),
+            timeout=timeout,
             resource=resource,
         )
         for i in range(num_shards)
@@ -174,14 +199,30 @@ def enqueue_pairset_shards(
         connection,
         settings,
         CPU,
-        "workers.tasks.merge_pairset",
-        pairset_id,
-        job_id=pairset_merge_job_id(pairset_id),
-        timeout=settings.pairset_timeout_s,
+        merge_func,
+        resource_id,
+        job_id=merge_job_id(kind, resource_id),
+        timeout=timeout,
         resource=resource,
         depends_on=Dependency(jobs=shards, allow_failure=False),
     )
     return [*shards, merge]
+
+
+def enqueue_pairset_shards(
+    connection: Redis, pairset_id: str, num_shards: int, *, settings: Settings
+) -> list[Job]:
+    """The pair set's job graph: `workers.tasks.run_pairset_shard` per shard, then `workers.tasks.merge_pairset`."""
+    return _enqueue_shards(
+        connection,
+        records.PAIRSET,
+        pairset_id,
+        num_shards,
+        shard_func="workers.tasks.run_pairset_shard",
+        merge_func="workers.tasks.merge_pairset",
+        timeout=settings.pairset_timeout_s,
+        settings=settings,
+    )
 
 
 def stop_job(connection: Redis, job_id: str) -> None:
@@ -202,19 +243,79 @@ def stop_job(connection: Redis, job_id: str) -> None:
         pass  # it finished (or was cancelled) in between: nothing left to stop
 
 
-def stop_pairset(connection: Redis, pairset_id: str, *, skip: tuple[str, ...] = ()) -> None:
-    """Stop every job of a pair set that is cancelled (or failed): queued ones (shards, the deferred
-    merge) are cancelled; running ones are asked to stop. A shard on a `gpu` worker (non-forking)
-    stops at its next batch, when it sees the cancel flag or that its pair set has finished. `skip`: job
-    ids to leave alone (the job whose own failure callback is calling).
+def stop_sharded(connection: Redis, kind: str, resource_id: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Stop every job of a sharded job (pair set, evaluation) that is cancelled (or failed): queued ones
+    (shards, the deferred merge) are cancelled; running ones are asked to stop. A shard on a `gpu` worker
+    (non-forking) stops at its next batch, when it sees the cancel flag or that its resource has finished.
+    `skip`: job ids to leave alone (the job whose own failure callback is calling).
     """
-    record = records.find(connection, records.PAIRSET, pairset_id)
+    record = records.find(connection, kind, resource_id)
     num_shards = int(record.get("num_shards") or 0) if record else 0
-    start, *shards, merge = pairset_job_ids(pairset_id, num_shards)
+    start, *shards, merge = sharded_job_ids(kind, resource_id, num_shards)
     # The merge first: once it is cancelled, no shard finishing now can make it run.
     for job_id in (start, merge, *shards):
         if job_id not in skip:
             stop_job(connection, job_id)
+
+
+def stop_pairset(connection: Redis, pairset_id: str, *, skip: tuple[str, ...] = ()) -> None:
+    """`stop_sharded` for a pair set."""
+    stop_sharded(connection, records.PAIRSET, pairset_id, skip=skip)
+
+
+def enqueue_evaluation(connection: Redis, evaluation_id: str, *, settings: Settings) -> Job:
+    """Start an evaluation: `workers.tasks.run_evaluation` (cpu) checks it and enqueues its shards and merge."""
+    return _enqueue_once(
+        connection,
+        settings,
+        CPU,
+        "workers.tasks.run_evaluation",
+        evaluation_id,
+        job_id=start_job_id(records.EVALUATION, evaluation_id),
+        timeout=settings.pairset_timeout_s,
+        resource=(records.EVALUATION, evaluation_id),
+    )
+
+
+def enqueue_evaluation_shards(connection: Redis, evaluation_id: str, num_shards: int, *, settings: Settings) -> list[Job]:
+    """The evaluation's job graph: `workers.tasks.run_evaluation_shard` per shard, then `workers.tasks.merge_evaluation`."""
+    return _enqueue_shards(
+        connection,
+        records.EVALUATION,
+        evaluation_id,
+        num_shards,
+        shard_func="workers.tasks.run_evaluation_shard",
+        merge_func="workers.tasks.merge_evaluation",
+        timeout=settings.pairset_timeout_s,
+        settings=settings,
+    )
+
+
+def create_training_evaluations(connection: Redis, training_id: str, *, settings: Settings) -> dict[str, str]:
+    """The two evaluations a training's `evaluation` asks for once it has succeeded, enqueued: the base
+    model and the trained adapter, on the same prompts. Idempotent: a re-run finds the same two.
+    Returns {"base": id, "adapter": id}."""
+    training = records.get(connection, records.TRAINING, training_id)
+    spec = (training.get("evaluation") or {}).get("request")
+    if not spec:
+        raise UserError(f"training {training_id} asked for no evaluation", code="no_evaluation_requested", param="evaluation")
+    fresh = {role: records.new_id(records.EVALUATION) for role in ("base", "adapter")}
+    ids = records.link_evaluations(connection, training_id, fresh)
+    for role, evaluation_id in ids.items():
+        if records.find(connection, records.EVALUATION, evaluation_id) is None:
+            record = records.new_evaluation(
+                training["owner"],
+                model=training["model"],
+                dataset_id=spec["dataset_id"],
+                config={**spec, "model": training["model"], "training_id": training_id if role == "adapter" else None},
+                training_id=training_id if role == "adapter" else None,
+                report_to=(training_id, role),
+            )
+            record["id"] = evaluation_id
+            records.create(connection, records.EVALUATION, record)
+            records.append_event(connection, evaluation_id, "created", {"status": "queued", "training_id": training_id, "role": role})
+        enqueue_evaluation(connection, evaluation_id, settings=settings)
+    return ids
 
 
 def training_job_id(training_id: str) -> str:
@@ -272,6 +373,7 @@ def create_training_for_pairset(connection: Redis, pairset_id: str) -> str:
             model=train.get("model") or pairset["model"],
             hyperparameters=dict(train.get("hyperparameters") or {}),
             preset=train.get("preset", "paper"),
+            evaluation=train.get("evaluation"),
             checkpoint_every=train["checkpoint_every"],
             training_id=training_id,
         )

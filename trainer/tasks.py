@@ -23,7 +23,7 @@ from typing import Any
 
 from redis import Redis
 
-from core import records, trainings
+from core import jobs, records, trainings
 from core.errors import UserError
 from core.exports import export_dir
 from core.settings import get_settings
@@ -95,6 +95,8 @@ def run_training_job(training_id: str) -> dict[str, Any]:
     if record is None:
         return {"status": "deleted"}
     if record["status"] in records.TRAINING_TERMINAL:
+        if record["status"] == "succeeded" and record.get("evaluation"):
+            jobs.create_training_evaluations(r, training_id, settings=settings)  # if the run that finished died first
         return {"status": record["status"]}  # a re-run after the work was done, or a cancel
     if records.cancel_requested(r, training_id):
         return {"status": records.set_training_status(r, training_id, "cancelled")["status"]}
@@ -138,4 +140,7 @@ def run_training_job(training_id: str) -> dict[str, Any]:
     rec = records.finish_training(
         r, training_id, step=result.global_step, total_steps=result.total_steps, metrics=metrics, adapter=adapter
     )
+    if rec["status"] == "succeeded" and rec.get("evaluation"):
+        # The base model and the adapter, on the same held-out prompts: the training shows both.
+        jobs.create_training_evaluations(r, training_id, settings=settings)
     return {"status": rec["status"], "step": result.global_step, "resumed_from": resumed_from}

@@ -92,6 +92,9 @@ class Recipe:
     phrase: str | None  # pic_in_pic phrase used, else None
     same_source: bool = True  # the distractors come from the target's source (False: it had too few images)
     skipped: int = 0  # samples with box coordinates passed over to find this grid/pic-in-pic target
+    # Evaluation recipes only: per image (display order), the answer to this question about that image
+    # (None where the dataset has none: the image was drawn without a sample asking the same question).
+    truths: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -141,6 +144,7 @@ class Recipe:
             "phrase": self.phrase,
             "same_source": self.same_source,
             "skipped": self.skipped,
+            **({"truths": list(self.truths)} if self.truths is not None else {}),
         }
 
     @classmethod
@@ -167,6 +171,7 @@ class Recipe:
             phrase=d.get("phrase"),
             same_source=bool(d.get("same_source", True)),
             skipped=int(d.get("skipped", 0)),
+            truths=tuple(d["truths"]) if d.get("truths") is not None else None,
         )
 
 
@@ -314,6 +319,20 @@ class _Pool:
                 code="too_few_images",
             )
         self.boxed = [has_box_coordinates(s.question) or has_box_coordinates(s.answer) for s in samples]
+        # Per question text, one sample per distinct image asking it (for evaluation recipes).
+        self.by_question: dict[str, list[int]] = {}
+        seen: set[tuple[str, str]] = set()
+        for i, s in enumerate(samples):
+            if (s.question, s.image) not in seen:
+                seen.add((s.question, s.image))
+                self.by_question.setdefault(s.question, []).append(i)
+
+    def same_question(self, rng: random.Random, target: Sample, k: int) -> list[Sample] | None:
+        """k samples asking the target's question about k other distinct images, or None if there are fewer."""
+        peers = [j for j in self.by_question.get(target.question, []) if self.samples[j].image != target.image]
+        if len(peers) < k:
+            return None
+        return [self.samples[peers[p]] for p in rng.sample(range(len(peers)), k)]
 
     def distractors(
         self, rng: random.Random, target_ref: str, source: str | None, k: int
@@ -347,7 +366,7 @@ def _weighted(rng: random.Random, weights: Mapping[K, float]) -> K:
     return items[-1][0]
 
 
-def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
+def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix, same_question: bool = False) -> Recipe:
     if index < 0:
         raise ValueError(f"index={index} must be >= 0")
     n = len(pool.samples)
@@ -371,7 +390,17 @@ def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
         count = max(c for c in IMAGE_COUNTS[fmt] if c <= len(pool.images))
     target = SourceImage(ref=sample.image, width=sample.width, height=sample.height, sample_id=sample.id)
     target_index = 1 if fmt == "pic_in_pic" else rng.randrange(count)
-    others, same_source = pool.distractors(rng, sample.image, sample.source, count - 1)
+    truths: tuple[str | None, ...] | None = None
+    peers = pool.same_question(rng, sample, count - 1) if same_question else None
+    if peers is not None:  # every image has a truth for the question
+        others = [SourceImage(ref=s.image, width=s.width, height=s.height, sample_id=s.id) for s in peers]
+        same_source = all(s.source == sample.source for s in peers)
+        answers: list[str | None] = [s.answer for s in peers]
+        truths = (*answers[:target_index], sample.answer, *answers[target_index:])
+    else:
+        others, same_source = pool.distractors(rng, sample.image, sample.source, count - 1)
+        if same_question:
+            truths = tuple(sample.answer if k == target_index else None for k in range(count))
     images = (*others[:target_index], target, *others[target_index:])
     phrase = rng.choice(PIP_PHRASES) if fmt == "pic_in_pic" else None
     return Recipe(
@@ -388,6 +417,7 @@ def _recipe(pool: _Pool, index: int, seed: int, mix: AugmentMix) -> Recipe:
         phrase=phrase,
         same_source=same_source,
         skipped=skipped,
+        truths=truths,
     )
 
 
@@ -401,7 +431,12 @@ def make_recipe(samples: Sequence[Sample], index: int, seed: int, mix: AugmentMi
 
 
 def make_recipes(
-    samples: Sequence[Sample], num: int, seed: int, mix: AugmentMix = AugmentMix(), start: int = 0
+    samples: Sequence[Sample],
+    num: int,
+    seed: int,
+    mix: AugmentMix = AugmentMix(),
+    start: int = 0,
+    same_question: bool = False,
 ) -> list[Recipe]:
     """Recipes `start .. start+num-1`; any slicing into shards gives the same recipes as one call.
 
@@ -412,6 +447,8 @@ def make_recipes(
         seed: the pair set's seed.
         mix: format and image-count proportions.
         start: index of the first recipe.
+        same_question: evaluation recipes: distractors from samples asking the same question where the
+            dataset has enough of them, and every image's answer in `Recipe.truths`.
 
     Raises:
         UserError: the dataset has fewer than 2 distinct images.
@@ -419,4 +456,4 @@ def make_recipes(
     if num < 0 or start < 0:
         raise ValueError(f"num={num} and start={start} must be >= 0")
     pool = _Pool(samples)
-    return [_recipe(pool, i, seed, mix) for i in range(start, start + num)]
+    return [_recipe(pool, i, seed, mix, same_question) for i in range(start, start + num)]

@@ -143,7 +143,7 @@ def _image_size(images: Sequence[Any]) -> tuple[int, int]:
     return images[0].size
 
 
-def _candidate_probes(
+def candidate_probes(
     handle: Any, prompts: Sequence[PromptInput], cands: list[list[Candidate]], config: PipelineConfig
 ) -> list[list[ProbeResult]]:
     """Probe results for every candidate: recorded ones as they are, the rest from one probe pass.
@@ -232,7 +232,7 @@ def process_shard(
         batch = recipes[b : b + gen.batch_size]
         prompts = [PromptInput(r.uid, r.prompt, *fit(_generation_images(r, config, load))) for r in batch]
         cands = backend.generate(prompts, replace(gen, seed=gen.seed + config.seed * 1_000_003 + start + b))
-        probes = _candidate_probes(handle, prompts, cands, config)
+        probes = candidate_probes(handle, prompts, cands, config)
         for recipe, prompt, row, row_probes in zip(batch, prompts, cands, probes, strict=True):
             records.append(_judge(recipe, prompt, row, row_probes, config, tokenizer))
         if on_batch is not None:
@@ -258,21 +258,24 @@ def _layouts(probe_result: ProbeResult, prompt: PromptInput) -> list[dict]:
     ]
 
 
-def _judge(recipe: Recipe, prompt: PromptInput, cands: list[Candidate], probes: list[ProbeResult], config: PipelineConfig, tokenizer: Any) -> dict:
-    sel = config.selection
+def candidate_ratios(recipe: Recipe, prompt: PromptInput, result: ProbeResult) -> dict[str, float | None]:
+    """The candidate's attention ratio for each `attention_rows` setting (None: not computed, or no attention)."""
     box = target_box(recipe)
     size = None
     if box is not None:  # the target's region, moved as the image was fitted for the model (padding)
         dx, dy = prompt.offset(0)
         box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
         size = prompt.images[0].size
-    all_ratios: list[dict[str, float | None]] = []
-    for p in probes:
-        by_rows: dict[str, float | None] = {}
-        for rows in ROWS:
-            r = recipe_ratio(p, recipe.format, recipe.target_index, size, box, rows=rows) if rows in p.attention else math.nan
-            by_rows[rows] = None if math.isnan(r) else r
-        all_ratios.append(by_rows)
+    ratios: dict[str, float | None] = {}
+    for rows in ROWS:
+        r = recipe_ratio(result, recipe.format, recipe.target_index, size, box, rows=rows) if rows in result.attention else math.nan
+        ratios[rows] = None if math.isnan(r) else r
+    return ratios
+
+
+def _judge(recipe: Recipe, prompt: PromptInput, cands: list[Candidate], probes: list[ProbeResult], config: PipelineConfig, tokenizer: Any) -> dict:
+    sel = config.selection
+    all_ratios = [candidate_ratios(recipe, prompt, p) for p in probes]
     ratios = [r[sel.attention_rows] for r in all_ratios]
     official = [p.official_perplexity(stopped=c.finish_reason == "stop") for c, p in zip(cands, probes, strict=True)]
     threshold = sel.threshold(recipe.format, recipe.n_images)

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import core
 from core.store import ArtifactStore
-from workers.augment import Recipe
+from workers.augment import Recipe, SourceImage
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), pixel coordinates, right/bottom exclusive
 Loader = Callable[[str], Image.Image]
@@ -250,6 +250,11 @@ def _grid_canvas(n: int) -> Image.Image:
         mask, (dx, dy) = label_image(i)
         canvas.paste(BLACK, (x + dx, y + dy, x + dx + mask.width, y + dy + mask.height), mask)
     return canvas
+
+
+def render_image(image: SourceImage, load: Loader) -> Image.Image:
+    """One source image alone, RGB, at its recorded size (as a sequence recipe renders each of its images)."""
+    return _fitted(load, image.ref, (image.width, image.height), _Clock(None), own=True)
 
 
 def render_recipe(

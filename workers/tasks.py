@@ -33,7 +33,7 @@ from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from core import jobs, records
+from core import evaluations, jobs, records, trainings
 from core.dataset import Sample, dataset_dir, read_samples
 from core.errors import FatalError, MiadpoError, NotFoundError, TransientError, UserError
 from core.exports import archive_path, export_dir, shard_path
@@ -44,6 +44,7 @@ from core.store import ArtifactStore
 # forks, so a forked job (run_pairset, merge_pairset) starts warm instead of importing torch,
 # transformers and datasets again (~5 s each time).
 from workers.augment import AugmentMix
+from workers.evaluate import EvalConfig, evaluate_shard, summarise
 from workers.generate import GenerationBackend, GenerationConfig
 from workers.models import ModelHandle, load_model, load_processor
 from workers.pipeline import (
@@ -53,6 +54,7 @@ from workers.pipeline import (
     merge_and_export,
     model_fit,
     process_shard,
+    read_records,
     shard_ranges,
     write_records,
 )
@@ -231,12 +233,15 @@ class _LoadedModel:
 _loaded: _LoadedModel | None = None
 
 
-def _model_for(config: PipelineConfig, settings: Settings) -> tuple[ModelHandle, GenerationBackend]:
-    """The model and generation backend for `config`, loaded once per process and kept while jobs for the
-    same model keep coming (a gpu worker does not fork); a job for another model replaces them."""
+def _model_for(
+    config: PipelineConfig, settings: Settings, adapter: Path | None = None
+) -> tuple[ModelHandle, GenerationBackend]:
+    """The model (with `adapter` merged, if any) and generation backend for `config`, loaded once per
+    process and kept while jobs for the same model keep coming (a gpu worker does not fork); a job for
+    another model replaces them."""
     global _loaded
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (config.model, device, config.backend, config.base_url, config.layers)
+    key = (config.model, device, config.backend, config.base_url, config.layers, str(adapter) if adapter else None)
     if _loaded is not None and _loaded.key == key:
         return _loaded.handle, _loaded.backend
     if _loaded is not None:
@@ -246,7 +251,7 @@ def _model_for(config: PipelineConfig, settings: Settings) -> tuple[ModelHandle,
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    handle = load_model(config.model, settings, device=device)
+    handle = load_model(config.model, settings, device=device, adapter=adapter)
     _loaded = _LoadedModel(key, handle, make_backend(config, handle, api_key=settings.openai_api_key))
     return _loaded.handle, _loaded.backend
 
@@ -402,6 +407,138 @@ def _chain_training(r: Redis, record: records.Record, settings: Settings) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluations (DESIGN 6): the same three kinds of job as a pair set
+
+
+def evaluation_config(request: dict[str, Any]) -> EvalConfig:
+    """The evaluation configuration of an evaluation request (the `EvaluationCreate` stored in the record).
+
+    Raises:
+        UserError: the stage refuses the combination (code `invalid_config`).
+    """
+    try:
+        return EvalConfig(
+            model=request["model"],
+            num=request["num"],
+            formats=tuple(request["formats"]),
+            seed=request["seed"],
+            max_new_tokens=request["max_new_tokens"],
+            batch_size=request.get("batch_size", 8),
+            shard_size=request.get("shard_size", 200),
+        )
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"invalid evaluation configuration: {exc}", code="invalid_config") from None
+
+
+def _adapter_of(store: ArtifactStore, record: records.Record) -> Path | None:
+    """The adapter folder of the training an evaluation names (it has succeeded: checked at create time)."""
+    training_id = record.get("training_id")
+    if not training_id:
+        return None
+    folder = trainings.adapter_dir(store, training_id)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"training {training_id} has no adapter", code="adapter_missing", param="training_id")
+    return folder
+
+
+def _report(r: Redis, record: records.Record) -> None:
+    """A training's own evaluation writes its status and result into the training."""
+    target = record.get("report_to")
+    if target:
+        _forget(r, target["training_id"], lambda: records.report_to_training(r, target["training_id"], target["role"], record))
+
+
+def run_evaluation(evaluation_id: str) -> dict[str, Any]:
+    """Start an evaluation: check its dataset, mark it running (stage `generate`), enqueue shards and merge.
+
+    Raises:
+        UserError: the dataset is gone or not ready, or the configuration is refused.
+    """
+    settings, r = get_settings(), _redis()
+    record = records.find(r, records.EVALUATION, evaluation_id)
+    if record is None:
+        return {"status": "deleted"}
+    if record["status"] in records.EVALUATION_TERMINAL:
+        return {"status": record["status"]}
+    if records.cancel_requested(r, evaluation_id):
+        return {"status": records.set_evaluation_status(r, evaluation_id, "cancelled")["status"]}
+    dataset = records.find(r, records.DATASET, record["dataset_id"])
+    if dataset is None or dataset["status"] != "ready":
+        state = dataset["status"] if dataset else "deleted"
+        raise UserError(f"dataset {record['dataset_id']} is {state}, not ready", code="dataset_not_ready", param="dataset_id")
+    config = evaluation_config(record["config"])
+    num_shards = len(shard_ranges(config.num, config.shard_size))
+    rec = records.start_evaluation(r, evaluation_id, total=config.num, num_shards=num_shards)
+    if rec["status"] != "running":
+        return {"status": rec["status"]}
+    _report(r, rec)
+    jobs.enqueue_evaluation_shards(r, evaluation_id, num_shards, settings=settings)
+    status = records.get(r, records.EVALUATION, evaluation_id)["status"]
+    if status != "running":
+        jobs.stop_sharded(r, records.EVALUATION, evaluation_id, skip=(jobs.start_job_id(records.EVALUATION, evaluation_id),))
+    return {"status": status, "shards": num_shards}
+
+
+def run_evaluation_shard(evaluation_id: str, index: int) -> dict[str, Any]:
+    """Answer and score one shard's prompts; write its records atomically. A complete shard is not redone.
+
+    Raises:
+        PairSetStopped: the evaluation was cancelled or failed elsewhere (checked before and between batches).
+    """
+    settings, r, store = get_settings(), _redis(), _store()
+    record = records.find(r, records.EVALUATION, evaluation_id)
+    if record is None:
+        return {"status": "deleted"}
+    _still_running(r, record)
+    config = evaluation_config(record["config"])
+    start, stop = shard_ranges(config.num, config.shard_size)[index]
+    path = evaluations.shard_path(store, evaluation_id, index)
+    if path.is_file() and _lines(path) == stop - start:
+        records.report_evaluation_progress(r, evaluation_id, index, stop - start)
+        return {"status": "skipped", "prompts": stop - start}
+    samples = _samples(store.root, record["dataset_id"])
+    # Answers come from the in-process model (an adapter is merged into it): the hf backend.
+    handle, backend = _model_for(PipelineConfig(model=config.model, layers=config.layers), settings, _adapter_of(store, record))
+    done = 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if records.cancel_requested(r, evaluation_id):
+            raise PairSetStopped(f"evaluation {evaluation_id} was cancelled")
+        rec = records.report_evaluation_progress(r, evaluation_id, index, done, event_every_s=_PROGRESS_EVENT_EVERY_S)
+        if rec["status"] != "running":
+            raise PairSetStopped(f"evaluation {evaluation_id} is {rec['status']}; stopping")
+
+    out = evaluate_shard(samples, config, start, stop, handle=handle, backend=backend, load=store_loader(store), on_batch=on_batch)
+    write_records(path, out)
+    return {"status": "done", "prompts": len(out)}
+
+
+def merge_evaluation(evaluation_id: str) -> dict[str, Any]:
+    """Summarise every shard's records (stage `summarise`) into the result; write the per-sample records."""
+    r, store = _redis(), _store()
+    record = records.find(r, records.EVALUATION, evaluation_id)
+    if record is None:
+        return {"status": "deleted"}
+    if record["status"] == "succeeded":
+        _report(r, record)
+        return {"status": "succeeded"}
+    _still_running(r, record)
+    config = evaluation_config(record["config"])
+    paths = [evaluations.shard_path(store, evaluation_id, i) for i in range(len(shard_ranges(config.num, config.shard_size)))]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FatalError(f"evaluation {evaluation_id}: shard outputs missing: {', '.join(missing)}", code="shard_output_missing")
+    records.set_evaluation_stage(r, evaluation_id, "summarise")
+    write_records(evaluations.samples_path(store, evaluation_id), read_records(paths))
+    result = summarise(read_records(paths))
+    rec = records.finish_evaluation(r, evaluation_id, result)
+    _report(r, rec)
+    return {"status": rec["status"]}
+
+
+# --------------------------------------------------------------------------------------------------
 # RQ callbacks (set on every job by core.jobs.enqueue)
 
 
@@ -427,6 +564,12 @@ def _error_of(exc_type: type[BaseException] | None, exc: BaseException | None) -
     return {"code": "internal_error", "message": f"internal error ({name}); see the worker log"}
 
 
+def _report_evaluation(r: Redis, evaluation_id: str) -> None:
+    record = records.find(r, records.EVALUATION, evaluation_id)
+    if record is not None:
+        _report(r, record)
+
+
 def on_job_failure(job: Any, connection: Redis, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
     """A job raised, timed out or was abandoned: note a coming retry, or fail its resource for good.
 
@@ -447,19 +590,23 @@ def on_job_failure(job: Any, connection: Redis, exc_type: Any = None, exc: Any =
         name = exc_type.__name__ if exc_type else "error"
         records.append_event(connection, resource_id, "retry", {"job": job.id, "error": name, "retries_left": job.retries_left})
         return
-    if kind == records.PAIRSET and isinstance(exc, PairSetStopped):
+    if kind in (records.PAIRSET, records.EVALUATION) and isinstance(exc, PairSetStopped):
         log.info("job %s stopped: %s", job.id, exc)
-        _forget(connection, resource_id, lambda: records.set_pairset_status(connection, resource_id, "cancelled"))
-        jobs.stop_pairset(connection, resource_id, skip=(job.id,))
+        _forget(connection, resource_id, lambda: records.sharded.set_status(connection, kind, resource_id, "cancelled"))
+        jobs.stop_sharded(connection, kind, resource_id, skip=(job.id,))
+        if kind == records.EVALUATION:
+            _report_evaluation(connection, resource_id)
         return
     error = _error_of(exc_type, exc)
     log.warning("job %s failed for good: %s", job.id, error)
     if kind == records.DATASET:
         _forget(connection, resource_id, lambda: records.set_dataset_failed(connection, resource_id, **error))
-    elif kind == records.PAIRSET:
-        _forget(connection, resource_id, lambda: records.set_pairset_status(connection, resource_id, "failed", error=error))
-        # The pair set's other jobs must not run on (or, for the merge, wait for ever) for nothing.
-        jobs.stop_pairset(connection, resource_id, skip=(job.id,))
+    elif kind in (records.PAIRSET, records.EVALUATION):
+        _forget(connection, resource_id, lambda: records.sharded.set_status(connection, kind, resource_id, "failed", error=error))
+        # Its other jobs must not run on (or, for the merge, wait for ever) for nothing.
+        jobs.stop_sharded(connection, kind, resource_id, skip=(job.id,))
+        if kind == records.EVALUATION:
+            _report_evaluation(connection, resource_id)
     elif kind == records.TRAINING:
         _forget(connection, resource_id, lambda: records.set_training_status(connection, resource_id, "failed", error=error))
 
@@ -470,8 +617,10 @@ def on_job_stopped(job: Any, connection: Redis) -> None:
     if not resource:
         return
     kind, resource_id = resource
-    if kind == records.PAIRSET:
-        _forget(connection, resource_id, lambda: records.set_pairset_status(connection, resource_id, "cancelled"))
+    if kind in (records.PAIRSET, records.EVALUATION):
+        _forget(connection, resource_id, lambda: records.sharded.set_status(connection, kind, resource_id, "cancelled"))
+        if kind == records.EVALUATION:
+            _report_evaluation(connection, resource_id)
     elif kind == records.TRAINING:
         _forget(connection, resource_id, lambda: records.set_training_status(connection, resource_id, "cancelled"))
     elif kind == records.DATASET:

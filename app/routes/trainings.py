@@ -60,6 +60,7 @@ def _start_training(redis: Redis, settings: Settings, owner: str, body: Training
             model=body.model or pairset["model"],
             hyperparameters=body.hyperparameters.model_dump(mode="json"),
             preset=body.preset,
+            evaluation=body.evaluation.model_dump(mode="json") if body.evaluation else None,
             checkpoint_every=body.checkpoint_every,
         ),
     )

@@ -1,13 +1,18 @@
-"""Resource records (datasets, pair sets, trainings), their events and idempotency keys, in Redis.
+"""Resource records (datasets, pair sets, trainings, evaluations), their events and idempotency keys, in Redis.
 
-One module per resource, the shared machinery (ids, read-modify-write, events, cancel flags) in `base`;
-everything public is re-exported here, so callers write `records.get(...)`, `records.finish_pairset(...)`.
+One module per resource, the shared machinery (ids, read-modify-write, events, cancel flags) in `base`, what
+pair sets and evaluations share (sharded jobs) in `sharded`; everything public of the resource modules is
+re-exported here, so callers write `records.get(...)`, `records.finish_pairset(...)`.
 """
 
+from core.records import sharded
 from core.records.base import (
     CANCEL_TTL_S,
     DATASET,
     DATASET_STATUSES,
+    EVALUATION,
+    EVALUATION_STATUSES,
+    EVALUATION_TERMINAL,
     ID_PREFIXES,
     PAIRSET,
     PAIRSET_STATUSES,
@@ -44,6 +49,17 @@ from core.records.datasets import (
     set_dataset_failed,
     set_dataset_ready,
 )
+from core.records.evaluations import (
+    finish_evaluation,
+    link_evaluations,
+    new_evaluation,
+    report_evaluation_progress,
+    report_to_training,
+    request_evaluation_cancel,
+    set_evaluation_stage,
+    set_evaluation_status,
+    start_evaluation,
+)
 from core.records.idempotency import (
     idempotency_begin,
     idempotency_release,
@@ -75,12 +91,15 @@ __all__ = [
     "DATASET",
     "PAIRSET",
     "TRAINING",
+    "EVALUATION",
     "ID_PREFIXES",
     "DATASET_STATUSES",
     "PAIRSET_STATUSES",
     "PAIRSET_TERMINAL",
     "TRAINING_STATUSES",
     "TRAINING_TERMINAL",
+    "EVALUATION_STATUSES",
+    "EVALUATION_TERMINAL",
     "TERMINAL",
     "CANCEL_TTL_S",
     "Record",
@@ -104,6 +123,7 @@ __all__ = [
     "decode_entries",
     "read_events",
     "cancel_requested",
+    "sharded",
     "new_dataset",
     "set_dataset_ready",
     "set_dataset_failed",
@@ -123,6 +143,15 @@ __all__ = [
     "finish_training",
     "request_training_cancel",
     "link_training",
+    "new_evaluation",
+    "set_evaluation_status",
+    "start_evaluation",
+    "set_evaluation_stage",
+    "report_evaluation_progress",
+    "finish_evaluation",
+    "request_evaluation_cancel",
+    "link_evaluations",
+    "report_to_training",
     "idempotency_begin",
     "idempotency_save",
     "idempotency_release",

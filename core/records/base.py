@@ -4,13 +4,13 @@ Nothing here knows about HTTP: the API and the jobs both read and write records 
 
 Keys (all under `miadpo:`):
 
-    dataset|pairset|training:{id}      the record, one JSON string
+    dataset|pairset|training|evaluation:{id}   the record, one JSON string
     owner:{owner}:{kind}s              the owner's ids in a sorted set, all with score 0: ids start with
                                        their creation time, so lexicographic order is creation order and a
                                        list cursor (`after` = an id) keeps working when that id is deleted
     events:{id}                        a stream (XADD) of the resource's events, read in order
     cancel:{id}                        the cancel flag that running jobs check between batches
-    progress:{id}                      a pair set's prompts done per shard (a hash: shard index -> count)
+    progress:{id}                      a pair set's (or evaluation's) prompts done per shard (a hash: shard index -> count)
     progress-event:{id}                held for a few seconds after a progress event: at most one per interval
     idem:{owner}:{sha256(key)}         the first response to an Idempotency-Key
 
@@ -36,14 +36,17 @@ PREFIX = "miadpo:"
 DATASET = "dataset"
 PAIRSET = "pairset"
 TRAINING = "training"
-ID_PREFIXES = {DATASET: "ds_", PAIRSET: "ps_", TRAINING: "tr_"}
+EVALUATION = "evaluation"
+ID_PREFIXES = {DATASET: "ds_", PAIRSET: "ps_", TRAINING: "tr_", EVALUATION: "ev_"}
 
 DATASET_STATUSES = ("validating", "ready", "failed")
 PAIRSET_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAIRSET_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 TRAINING_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TRAINING_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-TERMINAL = {PAIRSET: PAIRSET_TERMINAL, TRAINING: TRAINING_TERMINAL}  # statuses after which a record never changes
+EVALUATION_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+EVALUATION_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = {PAIRSET: PAIRSET_TERMINAL, TRAINING: TRAINING_TERMINAL, EVALUATION: EVALUATION_TERMINAL}  # statuses after which a record never changes
 
 # Crockford base32 in lower case: digits sort before letters, so ids sort like their timestamps.
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"

@@ -33,6 +33,7 @@ def new_training(
     checkpoint_every: int,
     training_id: str | None = None,
     preset: str = "paper",
+    evaluation: dict[str, Any] | None = None,
 ) -> Record:
     """A queued training record; `hyperparameters` is the full set (defaults filled in)."""
     return {
@@ -48,6 +49,8 @@ def new_training(
         "metrics": {},
         "checkpoints": {"count": 0, "last_step": None},
         "adapter": None,
+        # What `evaluation` asked for; once the training has succeeded, its base-model and adapter evaluations.
+        "evaluation": {"request": evaluation, "base": None, "adapter": None} if evaluation else None,
         "error": None,
         "created_at": now(),
         "started_at": None,

@@ -14,7 +14,7 @@ from tests.e2e.conftest import ROOT, redis_db, service_env, wait_for
 from workers.sample_data import write_sample_data
 
 KEY = "readme-key"
-IDS = {"ds_": "DATASET_ID", "ps_": "PAIRSET_ID", "tr_": "TRAINING_ID"}
+IDS = {"ds_": "DATASET_ID", "ps_": "PAIRSET_ID", "tr_": "TRAINING_ID", "ev_": "EVALUATION_ID"}
 FINAL = {"ready", "succeeded", "failed", "cancelled"}
 
 
@@ -43,7 +43,7 @@ def test_readme_curl_examples_work(services, redis_url, tmp_path: Path) -> None:
     (tmp_path / "sample.zip").write_bytes(zip_folder(tmp_path / "sd"))
 
     shell_env = {"PATH": "/usr/bin:/bin", "URL": url, "KEY": KEY}
-    paths = {"ds_": "/v1/datasets/", "ps_": "/v1/pairsets/", "tr_": "/v1/trainings/"}
+    paths = {"ds_": "/v1/datasets/", "ps_": "/v1/pairsets/", "tr_": "/v1/trainings/", "ev_": "/v1/evaluations/"}
     for command in commands:
         result = subprocess.run(
             ["bash", "-c", command + " -w '\\n%{http_code}'"], cwd=tmp_path, env=shell_env,
@@ -51,12 +51,12 @@ def test_readme_curl_examples_work(services, redis_url, tmp_path: Path) -> None:
         )
         body, _, status = result.stdout.rpartition("\n")
         assert status.isdigit() and 200 <= int(status) < 300, (command, result.stdout[-500:], result.stderr[-500:])
-        created = re.match(r'\{"id":"((ds_|ps_|tr_)[a-z0-9]+)"', body)
+        created = re.match(r'\{"id":"((ds_|ps_|tr_|ev_)[a-z0-9]+)"', body)
         if created and (" -F " in command or " -d " in command):  # a create call
             resource_id, prefix = created.group(1), created.group(2)
             shell_env[IDS[prefix]] = resource_id
             # Later examples read the finished resource: wait as a user would, by polling it.
             wait_for(lambda p=paths[prefix] + resource_id: client.get(p).json()["status"] in FINAL, 300, resource_id, interval=0.5)
             assert client.get(paths[prefix] + resource_id).json()["status"] in ("ready", "succeeded")
-    assert {"DATASET_ID", "PAIRSET_ID", "TRAINING_ID"} <= set(shell_env)
+    assert {"DATASET_ID", "PAIRSET_ID", "TRAINING_ID", "EVALUATION_ID"} <= set(shell_env)
     assert (tmp_path / "pairs.tar.gz").stat().st_size > 0 and (tmp_path / "adapter.tar.gz").stat().st_size > 0

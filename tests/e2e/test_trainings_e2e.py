@@ -285,3 +285,54 @@ def test_cancelling_a_running_training_stops_it_after_a_step_saved_as_a_checkpoi
     types = [e["type"] for e in _events(stack, training_id)]
     assert "retry" not in types and types[-1] == "checkpoint" and types.count("cancel_requested") == 1
     assert stack.client.get(f"/v1/trainings/{training_id}/adapter", headers=A).status_code == 409
+
+
+def test_a_training_with_evaluation_shows_base_and_adapter_and_an_evaluation_over_http_agrees(stack: Stack) -> None:
+    """`train.evaluation` evaluates the base model and the adapter once the training succeeds; the training
+    shows both. POST /v1/evaluations for the same training and prompts gives the same figures (same seed,
+    same prompts, greedy answers), and its per-sample records are scored by the documented rule."""
+    from workers.evaluate import score
+
+    evaluation = {"dataset_id": stack.dataset_id, "num": 4, "max_new_tokens": 4, "seed": 1, "formats": ["sequence", "grid"]}
+    body = {**PAIRSET, "augmentation": {"num": 8}, "seed": 3,
+            "train": {"hyperparameters": {**FAST_LORA, "max_steps": 2}, "checkpoint_every": 2, "evaluation": evaluation}}  # fmt: skip
+    pairset_id = stack.client.post("/v1/pairsets", headers=A, json={"dataset_id": stack.dataset_id, **body}).json()["id"]
+    training_id: str = wait_for(lambda: _get(stack, f"/v1/pairsets/{pairset_id}")["training_id"], 120, "the training")  # type: ignore[assignment]
+
+    def both_evaluated() -> dict[str, Any] | None:
+        tr = _get(stack, f"/v1/trainings/{training_id}")
+        assert tr["status"] in ("queued", "running", "succeeded"), tr
+        ev = tr["evaluation"]
+        done = ev and ev["base"] and ev["adapter"] and all(ev[k]["status"] == "succeeded" for k in ("base", "adapter"))
+        return tr if done else None
+
+    tr: dict[str, Any] = wait_for(both_evaluated, 240, "the training's two evaluations", interval=0.5)  # type: ignore[assignment]
+    assert tr["evaluation"]["request"]["num"] == 4
+    base, adapter = (tr["evaluation"][k] for k in ("base", "adapter"))
+    for entry in (base, adapter):
+        result = entry["result"]
+        assert result["multi_image"]["n"] == result["single_image"]["n"] == 4
+        assert set(result["multi_image"]["per_format"]) <= {"sequence", "grid"} and "normalised exact match" in result["matching_rule"]
+    assert _get(stack, f"/v1/evaluations/{base['id']}")["training_id"] is None
+    assert _get(stack, f"/v1/evaluations/{adapter['id']}")["training_id"] == training_id
+
+    r = stack.client.post("/v1/evaluations", headers=A, json={**evaluation, "training_id": training_id})
+    assert r.status_code == 201, r.text
+    again = r.json()
+    assert again["model"] == "tiny-llava" and again["config"]["training_id"] == training_id
+    ev: dict[str, Any] = wait_for(
+        lambda: (e := _get(stack, f"/v1/evaluations/{again['id']}"))["status"] in TERMINAL and e, 120, "the evaluation"
+    )  # type: ignore[assignment]
+    assert ev["status"] == "succeeded", ev
+    assert ev["result"] == adapter["result"]
+    samples = _get(stack, f"/v1/evaluations/{again['id']}/samples?limit=3")
+    rest = _get(stack, f"/v1/evaluations/{again['id']}/samples?limit=3&after={samples['data'][-1]['uid']}")
+    assert samples["has_more"] and not rest["has_more"] and len(samples["data"]) + len(rest["data"]) == 4
+    for rec in samples["data"] + rest["data"]:
+        assert (rec["correct"], rec["confused_with"]) == score(rec["answer"], rec["truths"], rec["target_index"])
+        assert rec["truths"][rec["target_index"]] == rec["truth"] and rec["single"]["prompt"].startswith("<image>\n")
+    assert stack.client.post(f"/v1/evaluations/{again['id']}/cancel", headers=A).status_code == 409
+    # Another key sees none of it; a training that has not succeeded cannot be evaluated.
+    assert stack.client.get(f"/v1/evaluations/{again['id']}", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = stack.client.post("/v1/evaluations", headers=A, json={**evaluation, "training_id": "tr_doesnotexist"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "training_id"

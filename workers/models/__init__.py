@@ -115,6 +115,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    adapter: str | Path | None = None,
 ) -> ModelHandle:
     """Load a model, its processor and its family, offline.
 
@@ -125,6 +126,8 @@ def load_model(
         device: where to put the model (default: cpu).
         dtype: weights dtype (default: float32 on cpu, bfloat16 elsewhere).
         attn_implementation: "sdpa" (default) or "eager" (the reference for tests).
+        adapter: a LoRA adapter folder (a training's `adapter/`), merged into the weights: the model then
+            runs exactly like the base model, attention recording included.
     Returns:
         The model in eval mode with its processor and family.
     """
@@ -138,6 +141,10 @@ def load_model(
     model = family.load_model(
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **placement
     )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True).merge_and_unload()
     model.eval()
     processor = family.load_processor(path, local_files_only=True)
     return ModelHandle(name=name_or_path, model=model, processor=processor, family=family)
