@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api clean
+.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api bench-method clean
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -37,6 +37,9 @@ bench-train: $(STAMP)
 
 bench-api: $(STAMP)
 	$(PY) bench/api.py
+
+bench-method: $(STAMP)
+	$(PY) bench/method.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -129,6 +129,7 @@ class TrainingHyperparameters(_Request):
     model_config = ConfigDict(extra="forbid", strict=True)  # true is not 1, "0.1" is not a number
 
     beta: float = _hp("beta", gt=0, allow_inf_nan=False)
+    dpo_weight: float = _hp("dpo_weight", ge=0, allow_inf_nan=False)
     nll_weight: float = _hp("nll_weight", ge=0, allow_inf_nan=False)
     learning_rate: float = _hp("learning_rate", gt=0, le=1)
     num_epochs: int = _hp("num_epochs", ge=1)

@@ -50,6 +50,10 @@ class TrainHyperparameters:
     beta: float = field(
         default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference (paper: 0.1)."}
     )
+    dpo_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the DPO (sigmoid) loss; 0 with nll_weight > 0 trains on the chosen answers alone (SFT)."},
+    )
     nll_weight: float = field(
         default=0.1,
         metadata={"help": "Weight of the NLL loss on the chosen answer (paper's gamma; TRL 'sft' loss weight); 0 = off."},
@@ -98,7 +102,10 @@ class TrainHyperparameters:
 
     def __post_init__(self) -> None:
         _number("beta", self.beta, low=0.0, low_open=True)
+        _number("dpo_weight", self.dpo_weight, low=0.0)
         _number("nll_weight", self.nll_weight, low=0.0)
+        if self.dpo_weight == 0 and self.nll_weight == 0:
+            raise ValueError("dpo_weight and nll_weight are both 0: there is nothing to train")
         _number("learning_rate", self.learning_rate, low=0.0, low_open=True, high=1.0)
         _integer("num_epochs", self.num_epochs, low=1)
         _integer("per_device_batch_size", self.per_device_batch_size, low=1)
@@ -207,10 +214,8 @@ def build_configs(
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     on_gpu = kind == "cuda"
-    if hp.nll_weight > 0:
-        loss_type, loss_weights = ["sigmoid", "sft"], [1.0, hp.nll_weight]
-    else:
-        loss_type, loss_weights = ["sigmoid"], [1.0]
+    losses = [(name, weight) for name, weight in (("sigmoid", hp.dpo_weight), ("sft", hp.nll_weight)) if weight > 0]
+    loss_type, loss_weights = [name for name, _ in losses], [weight for _, weight in losses]
     args = DPOConfig(
         output_dir=str(output_dir),
         # -- the objective

@@ -65,6 +65,13 @@ def test_effective_batch_size_sets_the_accumulation_per_process_count(tmp_path):
         TrainHyperparameters(effective_batch_size=64, gradient_accumulation_steps=2)
 
 
+def test_sft_alone_is_the_nll_term_without_dpo(tmp_path):
+    args, _ = build_configs(TrainHyperparameters(dpo_weight=0.0, nll_weight=1.0), tmp_path, device="cpu", checkpoint_every=None)
+    assert (args.loss_type, args.loss_weights) == (["sft"], [1.0])
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainHyperparameters(dpo_weight=0.0, nll_weight=0.0)
+
+
 def test_build_configs_without_checkpoints_or_nll(tmp_path):
     args, _ = build_configs(TrainHyperparameters(nll_weight=0.0), tmp_path, device="cpu", checkpoint_every=None)
     assert args.save_strategy == "no" and args.loss_type == ["sigmoid"] and args.max_steps == -1
