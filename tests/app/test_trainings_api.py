@@ -151,7 +151,7 @@ def test_a_pairsets_train_is_validated_by_the_same_schema(client: TestClient, re
     r = client.post("/v1/pairsets", headers=AUTH_A, json={"dataset_id": dataset, "train": {"hyperparameters": {"max_steps": 3}}})
     assert r.status_code == 201, r.text
     train = r.json()["config"]["train"]
-    assert train == {"model": None, "preset": "paper", "hyperparameters": TrainHyperparameters(max_steps=3).to_dict(), "checkpoint_every": 100}
+    assert train == {"model": None, "preset": "paper", "hyperparameters": TrainHyperparameters(max_steps=3).to_dict(), "checkpoint_every": 100, "evaluation": None}
     assert r.json()["training_id"] is None
 
 
