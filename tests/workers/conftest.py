@@ -40,3 +40,18 @@ def noise_image():
         return Image.fromarray(pixels)
 
     return make
+
+
+# -- an OpenAI-compatible server: `transformers serve` on the same tiny model (a real process) -----
+
+
+@pytest.fixture(scope="session")
+def served_tiny_llava(tiny_llava, tmp_path_factory: pytest.TempPathFactory):
+    """`transformers serve` on tiny_llava's own folder, for the session: (base URL, served model name)."""
+    from pathlib import Path
+
+    from tests.workers.servers import transformers_serve
+
+    model_dir = Path(tiny_llava.model.name_or_path)
+    with transformers_serve(model_dir, tmp_path_factory.mktemp("transformers-serve") / "serve.log") as url:
+        yield url, str(model_dir)

@@ -1,70 +1,27 @@
-"""The openai backend against real HTTP servers on loopback: the chat server stand-in for `vllm serve`
-(wrapping a backend that describes exactly what it received), and servers that fail, stall or refuse."""
+"""The openai backend against a real OpenAI-compatible server: `transformers serve` on the tiny LLaVA (a
+process of its own, CPU, offline), alone or behind a proxy that records what reaches it and injects
+faults (500s, 429s, stalls, a refused extension), and against no server at all."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
+import base64
+import io
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from PIL import Image
-from starlette.responses import JSONResponse
 
 from core.errors import FatalError, TransientError, UserError
-from workers.backends.chat_server import create_chat_app, serve
+from tests.workers.servers import FaultProxy, serve
 from workers.backends.openai import OpenAIBackend
-from workers.generate import Candidate, GenerationBackend, GenerationConfig, PromptInput
+from workers.generate import AnswerReader, Candidate, GenerationBackend, GenerationConfig, PromptInput
 
-MODEL = "echo-model"
-
-
-class EchoBackend:
-    """Answers every prompt with a JSON description of what reached it: text, image sizes, pixels, config."""
-
-    name = "echo"
-
-    def __init__(self) -> None:
-        self.seen: list[PromptInput] = []
-
-    def generate(self, batch, config):
-        results = []
-        for prompt in batch:
-            self.seen.append(prompt)
-            description = {
-                "prompt": prompt.prompt,
-                "sizes": [list(im.size) for im in prompt.images],
-                "modes": [im.mode for im in prompt.images],
-                "pixels": [_digest(im) for im in prompt.images],
-                "max_new_tokens": config.max_new_tokens,
-                "temperature": config.temperature,
-                "top_p": config.top_p,
-                "seed": config.seed,
-            }
-            results.append(
-                [
-                    Candidate(
-                        text=json.dumps({**description, "candidate": i}),
-                        token_ids=[100 + i, len(prompt.images), len(prompt.prompt)],
-                        finish_reason="length" if i % 2 else "stop",
-                    )
-                    for i in range(config.num_candidates)
-                ]
-            )
-        return results
-
-    def close(self) -> None:
-        pass
-
-
-def _digest(image: Image.Image) -> str:
-    return hashlib.sha256(image.tobytes()).hexdigest()
+SHORT = GenerationConfig(max_new_tokens=4)
 
 
 def _noise(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -73,228 +30,164 @@ def _noise(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Ima
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], *channels), dtype=np.uint8), mode)
 
 
-class Wrapped:
-    """ASGI middleware in front of an app: counts chat requests, can fail, stall or refuse some of them."""
+def _image_of(part: dict) -> Image.Image:
+    header, data = part["image_url"]["url"].split(",", 1)
+    assert header == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
 
-    def __init__(
-        self, app, *, fail_first: int = 0, status: int = 500, delay_s: float = 0.0, refuse_field=None
-    ):
-        self.app = app
-        self.fail_first = fail_first
-        self.status = status
-        self.delay_s = delay_s
-        self.refuse_field = refuse_field
-        self.calls = 0
-        self.bodies: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].endswith("/chat/completions"):
-            await self.app(scope, receive, send)
-            return
-        self.calls += 1
-        call = self.calls
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        raw = b"".join(chunks)
-        body = json.loads(raw)
-        self.bodies.append(body)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            if call <= self.fail_first:
-                error = {"error": {"message": f"failure {call}", "type": "server_error", "code": None}}
-                await JSONResponse(error, status_code=self.status)(scope, receive, send)
-                return
-            if self.refuse_field and self.refuse_field in body:
-                message = f"Unrecognized request argument supplied: {self.refuse_field}"
-                error = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
-                await JSONResponse(error, status_code=400)(scope, receive, send)
-                return
-        finally:
-            self.in_flight -= 1
+@dataclass
+class Served:
+    """The session's `transformers serve`: its base URL, the served model name, and backends that read the
+    answers with the served model's tokenizer."""
 
-        async def replay():
-            return {"type": "http.request", "body": raw, "more_body": False}
+    url: str
+    model: str
+    reader: AnswerReader
 
-        await self.app(scope, replay, send)
+    def backend(self, url: str, model: str | None = None, **kwargs) -> OpenAIBackend:
+        kwargs.setdefault("backoff_s", (0.01,))
+        return OpenAIBackend(url, model or self.model, reader=self.reader, **kwargs)
 
 
 @pytest.fixture
-def echo():
-    return EchoBackend()
+def server(served_tiny_llava, tiny_llava) -> Served:
+    return Served(*served_tiny_llava, tiny_llava.answer_reader())
 
 
-def _reader():
-    from workers.generate import AnswerReader
+def _ids(server: Served, text: str) -> list[int]:
+    return server.reader.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _reader() -> AnswerReader:
+    """A reader for a backend that reaches no server."""
     from workers.models.builtin import byte_level_tokenizer
 
     return AnswerReader(byte_level_tokenizer(["<pad>"], eos_token="<pad>", pad_token="<pad>"))
 
 
-def _backend(url: str, model: str = MODEL, **kwargs) -> OpenAIBackend:
-    kwargs.setdefault("backoff_s", (0.01,))
-    kwargs.setdefault("reader", _reader())
-    return OpenAIBackend(url, model, **kwargs)
-
-
-def test_images_and_text_round_trip_exactly(echo):
+def test_prompts_reach_the_server_exactly_and_its_answers_come_back(server):
+    url = server.url
     red, small, gray = _noise((37, 23), seed=1), _noise((5, 64), seed=2), _noise((48, 48), "L", seed=3)
     batch = [
-        PromptInput(
-            "seq",
-            "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image2, what is shown?",
-            [red, small, gray],
-        ),
+        PromptInput("seq", "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image2, what is shown?", [red, small, gray]),
         PromptInput("grid", "<image>\nIn Image1, describe it.", [small]),
         PromptInput("edges", "<image><image>", [gray, red]),
         PromptInput("text", "No image at all: <b>markup</b> stays.", []),
     ]
-    config = GenerationConfig(max_new_tokens=17, num_candidates=3, temperature=0.7, top_p=0.9, seed=5)
-    with serve(create_chat_app(echo, MODEL)) as url:
-        backend = _backend(url)
+    spy = FaultProxy(url)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, return_token_ids=False)
         assert isinstance(backend, GenerationBackend)
         try:
-            results = backend.generate(batch, config)
+            results = backend.generate(batch, SHORT)
         finally:
             backend.close()
 
-    assert isinstance(results, list) and len(results) == len(batch)
-    for prompt, candidates in zip(batch, results, strict=True):
-        assert len(candidates) == 3 and all(isinstance(c, Candidate) for c in candidates)
-        for i, candidate in enumerate(candidates):
-            seen = json.loads(candidate.text)
-            assert seen["candidate"] == i
-            assert seen["prompt"] == prompt.prompt
-            assert seen["sizes"] == [list(im.size) for im in prompt.images]
-            assert seen["modes"] == [im.mode for im in prompt.images]
-            assert seen["pixels"] == [_digest(im) for im in prompt.images]
-            assert (seen["max_new_tokens"], seen["temperature"], seen["top_p"], seen["seed"]) == (
-                17,
-                0.7,
-                0.9,
-                5,
-            )
-            # Token ids come back through vLLM's return_token_ids extension.
-            assert candidate.token_ids == [100 + i, len(prompt.images), len(prompt.prompt)]
-            assert candidate.finish_reason == ("length" if i % 2 else "stop")
-            assert candidate.probe is None
-    assert sorted(p.prompt for p in echo.seen) == sorted(p.prompt for p in batch)
+    # What the server got: each prompt's text pieces and images in order, the images pixel for pixel.
+    sent = {}
+    for body in spy.bodies:
+        [message] = body["messages"]
+        sent["".join(p["text"] if p["type"] == "text" else "<image>" for p in message["content"])] = message["content"]
+    assert len(spy.bodies) == len(batch) and set(sent) == {p.prompt for p in batch}
+    for prompt in batch:
+        images = [_image_of(part) for part in sent[prompt.prompt] if part["type"] == "image_url"]
+        assert [(im.size, im.mode, im.tobytes()) for im in images] == [(im.size, im.mode, im.tobytes()) for im in prompt.images]
+
+    assert len(results) == len(batch)
+    for candidates in results:
+        [candidate] = candidates
+        assert isinstance(candidate, Candidate) and candidate.text
+        # transformers serve returns no token ids (vLLM's extension): they come from re-tokenising the text.
+        assert candidate.token_ids == _ids(server, candidate.text) and candidate.token_ids
+        assert candidate.finish_reason == "length" and candidate.probe is None
 
 
-def test_request_is_the_openai_schema(echo):
-    image = _noise((8, 6), seed=4)
-    spy = Wrapped(create_chat_app(echo, MODEL))
-    with serve(spy) as url:
-        backend = _backend(url, api_key="sk-test")
+def test_request_is_the_openai_schema(server):
+    url, model = server.url, server.model
+    spy = FaultProxy(url)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, api_key="sk-test", return_token_ids=False)
         try:
-            [[candidate]] = backend.generate(
-                [PromptInput("a", "Look: <image> and tell.", [image])], GenerationConfig()
-            )
+            [[candidate]] = backend.generate([PromptInput("a", "Look: <image> and tell.", [_noise((8, 6), seed=4)])], GenerationConfig(max_new_tokens=3))
         finally:
             backend.close()
-        models = httpx.get(f"{url}/models").json()
+        models = httpx.get(f"{proxy}/models").json()
 
     [body] = spy.bodies
-    assert body["model"] == MODEL and body["n"] == 1 and body["max_tokens"] == 512
+    assert body["model"] == model and body["n"] == 1 and body["max_tokens"] == 3
     assert (body["temperature"], body["top_p"], body["seed"]) == (0.0, 1.0, 0)
-    assert "logprobs" not in body and body["return_token_ids"] is True
+    assert "logprobs" not in body and "return_token_ids" not in body
     [message] = body["messages"]
     assert message["role"] == "user"
     text1, img, text2 = message["content"]
     assert text1 == {"type": "text", "text": "Look: "} and text2 == {"type": "text", "text": " and tell."}
     assert img["type"] == "image_url" and img["image_url"]["url"].startswith("data:image/png;base64,")
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [model]
+    assert candidate.text
 
 
-def test_response_is_the_openai_schema(echo):
-    with serve(create_chat_app(echo, MODEL)) as url:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0.5}
-        answer = httpx.post(f"{url}/chat/completions", json=body).json()
-        bad = httpx.post(f"{url}/chat/completions", json={**body, "n": 0})
-        remote = httpx.post(
-            f"{url}/chat/completions",
-            json={
-                **body,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
-                    }
-                ],
-            },
-        )
-    assert answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
-    assert answer["model"] == MODEL and isinstance(answer["created"], int)
-    assert [c["index"] for c in answer["choices"]] == [0, 1]
-    assert answer["choices"][0]["message"]["role"] == "assistant"
-    assert json.loads(answer["choices"][0]["message"]["content"])["prompt"] == "hi"
-    assert "token_ids" not in answer["choices"][0]  # only when asked for
-    assert set(answer["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
-    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    assert remote.status_code == 400 and "data URL" in remote.json()["error"]["message"]
-
-
-def test_prompts_of_a_batch_are_sent_concurrently(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL), delay_s=0.1)
+def test_prompts_of_a_batch_are_sent_concurrently(server):
+    url = server.url
+    spy = FaultProxy(url, delay_s=0.2)
     batch = [PromptInput(str(i), f"prompt {i}", []) for i in range(8)]
-    with serve(spy) as url:
-        backend = _backend(url, concurrency=4)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, concurrency=4, return_token_ids=False)
         try:
-            results = backend.generate(batch, GenerationConfig())
+            results = backend.generate(batch, SHORT)
         finally:
             backend.close()
-    assert [json.loads(c.text)["prompt"] for [c] in results] == [p.prompt for p in batch]
+    assert [len(r) for r in results] == [1] * 8
+    assert [b["messages"][0]["content"][0]["text"] for b in spy.bodies] != [] and spy.calls == 8
     assert 1 < spy.max_in_flight <= 4
 
 
-def test_server_errors_are_retried_then_succeed(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL), fail_first=2, status=500)
-    with serve(spy) as url:
-        backend = _backend(url, max_retries=3)
+def test_server_errors_are_retried_then_succeed(server):
+    url = server.url
+    spy = FaultProxy(url, fail_first=2, status=500)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, max_retries=3, return_token_ids=False)
         try:
-            [[candidate]] = backend.generate([PromptInput("a", "hello", [])], GenerationConfig())
+            [[candidate]] = backend.generate([PromptInput("a", "hello", [])], SHORT)
         finally:
             backend.close()
-    assert json.loads(candidate.text)["prompt"] == "hello"
+        direct = server.backend(url, return_token_ids=False)
+        try:
+            [[reference]] = direct.generate([PromptInput("a", "hello", [])], SHORT)
+        finally:
+            direct.close()
     assert spy.calls == 3
+    assert candidate.text == reference.text  # the server's own answer came through the retries
 
 
-def test_rate_limit_then_exhausted_retries_is_transient(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL), fail_first=10, status=429)
-    with serve(spy) as url:
-        backend = _backend(url, max_retries=2)
+def test_rate_limit_then_exhausted_retries_is_transient(server):
+    url = server.url
+    spy = FaultProxy(url, fail_first=10, status=429)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, max_retries=2)
         try:
             with pytest.raises(TransientError) as err:
-                backend.generate([PromptInput("a", "hello", [])], GenerationConfig())
+                backend.generate([PromptInput("a", "hello", [])], SHORT)
         finally:
             backend.close()
     assert spy.calls == 3
     message = err.value.message
-    assert url in message and "HTTP 429" in message and "failure 3" in message and "3 attempts" in message
+    assert proxy in message and "HTTP 429" in message and "failure 3" in message and "3 attempts" in message
 
 
-def test_timeout_is_transient_and_bounded(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL), delay_s=1.0)
-    with serve(spy) as url:
-        backend = _backend(url, timeout_s=0.3, max_retries=1, backoff_s=(0.05,))
+def test_timeout_is_transient_and_bounded(server):
+    url = server.url
+    spy = FaultProxy(url, delay_s=1.0)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy, timeout_s=0.3, max_retries=1, backoff_s=(0.05,))
         start = time.monotonic()
         try:
             with pytest.raises(TransientError) as err:
-                backend.generate([PromptInput("a", "hello", [])], GenerationConfig())
+                backend.generate([PromptInput("a", "hello", [])], SHORT)
         finally:
             elapsed = time.monotonic() - start
             backend.close()
-    assert (
-        "timed out" in err.value.message and "timeout" in err.value.message and "0.3 s" in err.value.message
-    )
+    assert "timed out" in err.value.message and "timeout" in err.value.message and "0.3 s" in err.value.message
     assert spy.calls == 2
     assert 0.6 <= elapsed < 0.3 * 2 + 0.05 + 0.5
 
@@ -303,95 +196,79 @@ def test_unreachable_server_is_transient():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        backend = _backend(f"http://127.0.0.1:{port}/v1", max_retries=1)
+        backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m", reader=_reader(), max_retries=1, backoff_s=(0.01,))
         try:
             with pytest.raises(TransientError) as err:
-                backend.generate([PromptInput("a", "hello", [])], GenerationConfig())
+                backend.generate([PromptInput("a", "hello", [])], SHORT)
         finally:
             backend.close()
     assert "connection error" in err.value.message and f"127.0.0.1:{port}" in err.value.message
 
 
-def test_bad_request_is_a_user_error_and_not_retried(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL))
-    with serve(spy) as url:
-        backend = _backend(url, max_retries=3)
+def test_a_refused_request_is_a_user_error_and_not_retried(server):
+    url = server.url
+    spy = FaultProxy(url)
+    with serve(spy) as proxy:
+        wrong_model = server.backend(proxy, "no-such-model", max_retries=3, return_token_ids=False)
         try:
-            # The server allows temperature <= 2, as OpenAI does.
             with pytest.raises(UserError) as err:
-                backend.generate([PromptInput("a", "hello", [])], GenerationConfig(temperature=3.0))
-            assert spy.calls == 1
-            assert "HTTP 400" in err.value.message and "temperature" in err.value.message
-            wrong_model = _backend(url, model="no-such-model")
-            try:
-                with pytest.raises(UserError) as err:
-                    wrong_model.generate([PromptInput("a", "hello", [])], GenerationConfig())
-            finally:
-                wrong_model.close()
-            assert spy.calls == 2
-            assert "HTTP 404" in err.value.message and "no-such-model" in err.value.message
+                wrong_model.generate([PromptInput("a", "hello", [])], SHORT)
         finally:
-            backend.close()
+            wrong_model.close()
+    assert spy.calls == 1
+    assert "HTTP 400" in err.value.message and "no-such-model" in err.value.message  # the server's words
 
 
-def test_placeholder_image_mismatch_is_refused_before_sending(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL))
-    with serve(spy) as url:
-        backend = _backend(url)
+def test_placeholder_image_mismatch_is_refused_before_sending(server):
+    url = server.url
+    spy = FaultProxy(url)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy)
         try:
             with pytest.raises(UserError, match="2 <image> placeholders but 1 images"):
                 backend.generate(
-                    [PromptInput("ok", "fine", []), PromptInput("bad", "<image><image>", [_noise((4, 4))])],
-                    GenerationConfig(),
+                    [PromptInput("ok", "fine", []), PromptInput("bad", "<image><image>", [_noise((4, 4))])], SHORT
                 )
         finally:
             backend.close()
     assert spy.calls == 0
 
 
-def test_server_without_token_ids_extension(echo):
-    spy = Wrapped(create_chat_app(echo, MODEL), refuse_field="return_token_ids")
-    with serve(spy) as url:
-        backend = _backend(url)
+@pytest.mark.parametrize("refused_by", ["transformers serve", "an OpenAI-style 400"])
+def test_a_server_without_the_token_ids_extension_is_asked_once(server, refused_by):
+    url = server.url
+    spy = FaultProxy(url, refuse_field="return_token_ids" if refused_by != "transformers serve" else None)
+    with serve(spy) as proxy:
+        backend = server.backend(proxy)
         try:
-            first = backend.generate([PromptInput("a", "one", [])], GenerationConfig())
-            second = backend.generate([PromptInput("b", "two", [])], GenerationConfig())
+            first = backend.generate([PromptInput("a", "one", [])], SHORT)
+            second = backend.generate([PromptInput("b", "two", [])], SHORT)
         finally:
             backend.close()
-    # Refused once, then never asked again; the ids come from re-tokenising the (stripped) text instead.
+    # Refused once (transformers serve: 422 "Unexpected fields"), then never asked again.
     assert ["return_token_ids" in body for body in spy.bodies] == [True, False, False]
-    tokenizer = backend.reader.tokenizer
-    for (candidate,) in (first[0], second[0]):
-        assert candidate.token_ids == tokenizer(candidate.text, add_special_tokens=False)["input_ids"]
-    assert json.loads(second[0][0].text)["prompt"] == "two"
+    for [candidate] in (first[0], second[0]):  # the ids come from re-tokenising the text instead
+        assert candidate.text and candidate.token_ids == _ids(server, candidate.text)
 
 
-def test_fewer_choices_than_asked_is_fatal():
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    def one_choice() -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": MODEL, "choices": [choice]}
-
-    with serve(app) as url:
-        backend = _backend(url)
-        try:
-            with pytest.raises(FatalError, match="returned 1 choices .* expected n=2"):
-                backend.generate(
-                    [PromptInput("a", "x", [])], GenerationConfig(num_candidates=2, temperature=1.0)
-                )
-        finally:
-            backend.close()
+def test_a_server_that_ignores_n_is_a_clear_error(server):
+    url = server.url
+    backend = server.backend(url, return_token_ids=False)
+    try:
+        # transformers serve answers one choice whatever `n` says: several candidates need `vllm serve`.
+        with pytest.raises(FatalError, match=r"returned 1 choices .* expected n=2 \(does the server support n > 1\?\)"):
+            backend.generate([PromptInput("a", "x", [])], GenerationConfig(max_new_tokens=2, num_candidates=2, temperature=1.0))
+    finally:
+        backend.close()
 
 
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="timeout_s"):
-        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, timeout_s=0, reader=_reader())
+        OpenAIBackend("http://127.0.0.1:1/v1", "m", timeout_s=0, reader=_reader())
     with pytest.raises(ValueError, match="concurrency"):
-        OpenAIBackend("http://127.0.0.1:1/v1", MODEL, concurrency=0, reader=_reader())
+        OpenAIBackend("http://127.0.0.1:1/v1", "m", concurrency=0, reader=_reader())
     with pytest.raises(ValueError, match="base_url"):
-        OpenAIBackend("127.0.0.1:1/v1", MODEL, reader=_reader())
+        OpenAIBackend("127.0.0.1:1/v1", "m", reader=_reader())
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
@@ -405,35 +282,25 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
     assert err.value.code == "vllm_not_installed"
 
 
-def test_hf_backend_served_over_http_answers_as_in_process(tmp_path):
-    # Imported here: torch and the model code are the slow part of this module's imports.
-    from core.settings import Settings
+def test_the_served_model_answers_as_the_in_process_hf_backend(server, tiny_llava):
     from workers.backends.hf import HFBackend
-    from workers.models import load_model
 
-    hf = HFBackend(load_model("tiny-llava", Settings(data_dir=tmp_path)), record_attention=False)
+    url = server.url
+    hf = HFBackend(tiny_llava, record_attention=False)
     batch = [
-        PromptInput(
-            "seq",
-            "Image1:<image>\nImage2:<image>\nIn Image2, what color is it?",
-            [_noise((40, 30), seed=5), _noise((20, 50), seed=6)],
-        ),
+        PromptInput("seq", "Image1:<image>\nImage2:<image>\nIn Image2, what color is it?", [_noise((40, 30), seed=5), _noise((20, 50), seed=6)]),
         PromptInput("grid", "<image>\nIn Image1, describe the shape.", [_noise((64, 64), seed=7)]),
         PromptInput("pip", "<image>\nFor the image in the center, what is it?", [_noise((33, 47), seed=8)]),
+        PromptInput("text", "What is a shape?", []),
     ]
     greedy = GenerationConfig(max_new_tokens=12)
-    sampled = GenerationConfig(max_new_tokens=12, num_candidates=2, temperature=0.8, top_p=0.9, seed=3)
-    # The server gets one prompt (and the request's seed) per call: compare with the same in process.
-    direct = {config: [hf.generate([prompt], config)[0] for prompt in batch] for config in (greedy, sampled)}
-    with serve(create_chat_app(hf, "tiny-llava")) as url:
-        backend = OpenAIBackend(url, "tiny-llava", backoff_s=(0.01,), reader=hf.handle.answer_reader())
-        try:
-            remote = {config: backend.generate(batch, config) for config in (greedy, sampled)}
-        finally:
-            backend.close()
-    for config in (greedy, sampled):
-        expected = [[(c.text, c.token_ids, c.finish_reason) for c in cands] for cands in direct[config]]
-        got = [[(c.text, c.token_ids, c.finish_reason) for c in cands] for cands in remote[config]]
-        assert got == expected
-        assert [len(cands) for cands in got] == [config.num_candidates] * len(batch)
-    assert len({c.text for cands in remote[sampled] for c in cands}) > 1  # sampling did sample
+    direct = hf.generate(batch, greedy)
+    backend = server.backend(url)
+    try:
+        remote = backend.generate(batch, greedy)
+    finally:
+        backend.close()
+    assert [[(c.text, c.finish_reason) for c in cands] for cands in remote] == [
+        [(c.text, c.finish_reason) for c in cands] for cands in direct
+    ]
+    assert len({cands[0].text for cands in remote}) == len(batch)  # real, different answers

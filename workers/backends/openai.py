@@ -1,7 +1,8 @@
 """The `openai` generation backend: any OpenAI-compatible chat-completions server (DESIGN 2.3).
 
-Normally that server is `vllm serve` (docker-compose runs one); `workers.backends.chat_server` is a
-small stand-in that wraps any in-process backend. The protocol is the public one, spoken over httpx:
+Normally that server is `vllm serve` (docker-compose runs one); on a CPU host `transformers serve` (the
+`transformers[serving]` extra) serves the same local models, greedy and one candidate per prompt (it
+ignores `n`, which fails clearly here). The protocol is the public one, spoken over httpx:
 one POST to `{base_url}/chat/completions` per prompt, the prompt's text and images as interleaved
 content parts (images as PNG data URLs), `n` candidates per request.
 
