@@ -26,6 +26,16 @@ a shard job loads stays loaded for the next shard (`workers.tasks` caches it per
 same timings (`FastRecoveryMixin`); with no work horse to watch, a thread of its own heartbeats the
 running job and runs the registry maintenance. Stopping one of its jobs is cooperative: the job checks
 its pair set's cancel flag between batches (RQ's stop command only marks the job as stopped).
+
+Redis going away (a restart, a failover, a network cut) never ends a worker or the trainer (DESIGN 7).
+RQ 3 backs off only inside its dequeue loop; everywhere else a refused connection ends `Worker.work()`,
+and `Worker()` itself talks to Redis. `RideOutRedisOutages` covers the rest: start-up and registration
+wait with logged backoff (0.5 s doubling to `redis_backoff_max_s`), heartbeats and maintenance that fail
+are logged and tried again on the next tick (a forked job keeps running meanwhile), and a job whose end
+cannot be recorded stays in the started registry, so once Redis is back the abandoned-job recovery above
+re-runs it (jobs are idempotent). `serve_worker` builds a new worker if the loop ends anyway without a
+stop request. With AOF on (docker-compose, `miadpo up`) Redis comes back with every queued and started
+job: none is lost.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +67,14 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from core.errors import FatalError
-from core.jobs import CPU, GPU, QUEUES, TRAIN, get_queue
+from core.jobs import CPU, GPU, QUEUES, REDIS_DOWN, TRAIN, get_queue
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 10.0
+_FIRST_BACKOFF_S = 0.5
 
 
 def configure_logging(settings: Settings) -> None:
@@ -86,6 +98,142 @@ def run_api(settings: Settings, *, host: str, port: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # worker
+
+
+def redis_address(connection: Redis) -> str:
+    """host:port (or socket path) of a client, for logs: never the URL, which may hold a password."""
+    kwargs = connection.connection_pool.connection_kwargs
+    return str(kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}")
+
+
+def wait_for_redis(connection: Redis, what: str, *, max_delay_s: float, stop: Callable[[], bool] = lambda: False) -> bool:
+    """Block until Redis answers a PING, logging each failed try and the wait before the next one
+    (0.5 s, doubling, at most `max_delay_s`). False if `stop()` turned true while waiting."""
+    delay, failures = _FIRST_BACKOFF_S, 0
+    while True:
+        try:
+            connection.ping()
+        except REDIS_DOWN as exc:
+            failures += 1
+            log.warning("%s: Redis at %s unreachable (%s); try %d again in %.1f s",
+                        what, redis_address(connection), exc, failures + 1, delay)
+        else:
+            if failures:
+                log.info("%s: Redis at %s answers again after %d failed tries", what, redis_address(connection), failures)
+            return True
+        if stop():
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
+
+
+class RideOutRedisOutages:
+    """Keeps an RQ worker alive through Redis outages (see the module docstring); mixed in first.
+
+    Start-up and registration wait for Redis; heartbeats, state changes and maintenance that fail are
+    logged and skipped (the next tick tries again); a job whose run or end could not be recorded is left
+    to the abandoned-job recovery. Nothing here changes what happens while Redis answers.
+    """
+
+    redis_backoff_max_s = 30.0
+    stop_signalled = False  # SIGINT/SIGTERM or RQ's shutdown command: the only way out of `serve_worker`
+    connection: Redis
+    log: logging.Logger
+    name: str
+    key: str
+
+    def _wait_for_redis(self, what: str) -> None:
+        wait_for_redis(self.connection, f"worker {self.name}: {what}", max_delay_s=self.redis_backoff_max_s)
+
+    def _skipped(self, what: str, exc: Exception) -> None:
+        self.log.warning("Worker %s: %s skipped, Redis at %s unreachable (%s)", self.name, what,
+                         redis_address(self.connection), exc)
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stop_signalled = True
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+    def register_birth(self) -> None:
+        retry = False
+        while True:
+            try:
+                if retry:  # a try whose answer was lost may have registered this (unique) name already
+                    self.connection.delete(self.key)
+                super().register_birth()  # type: ignore[misc]
+                return
+            except REDIS_DOWN:
+                self._wait_for_redis("registration")
+                retry = True
+
+    def subscribe(self) -> None:
+        while True:
+            try:
+                super().subscribe()  # type: ignore[misc]
+                return
+            except REDIS_DOWN:
+                self._wait_for_redis("subscribing to its command channel")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        while True:
+            try:
+                super().check_for_suspension(burst)  # type: ignore[misc]
+                return
+            except REDIS_DOWN:
+                self._wait_for_redis("suspension check")
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        try:
+            super().set_state(state, pipeline)  # type: ignore[misc]
+        except REDIS_DOWN as exc:  # the state is kept in the process as well; the next change writes it
+            self._skipped(f"recording state {state!r}", exc)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        try:
+            super().heartbeat(timeout, pipeline)  # type: ignore[misc]
+        except REDIS_DOWN as exc:
+            self._skipped("heartbeat", exc)
+
+    def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+        try:
+            super().maintain_heartbeats(job, execution)  # type: ignore[misc]
+        except REDIS_DOWN as exc:  # the job runs on; if Redis stays away past the grace, it is re-run
+            self._skipped(f"heartbeat of job {job.id}", exc)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()  # type: ignore[misc]
+        except REDIS_DOWN as exc:
+            self._skipped("maintenance", exc)
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        try:
+            super().execute_job(job, queue)  # type: ignore[misc]
+        except REDIS_DOWN as exc:
+            # The job (or its result) could not be recorded. It is still in the started registry (AOF):
+            # once Redis is back and its heartbeat has lapsed, the abandoned-job recovery runs it again.
+            self.log.error("Worker %s: Redis at %s went away during job %s (%s); the job will be re-run",
+                           self.name, redis_address(self.connection), job.id, exc)
+            if getattr(self, "horse_pid", 0):  # never leave a forked job running unwatched
+                self.kill_horse()  # type: ignore[attr-defined]
+                self.wait_for_horse()  # type: ignore[attr-defined]
+            self._wait_for_redis(f"after job {job.id}")
+
+    def register_death(self) -> None:
+        try:
+            super().register_death()  # type: ignore[misc]
+        except REDIS_DOWN as exc:  # the worker's key expires by itself (worker_ttl)
+            self._skipped("unregistering", exc)
+
+    def unsubscribe(self) -> None:
+        try:
+            super().unsubscribe()  # type: ignore[misc]
+        except REDIS_DOWN as exc:
+            self._skipped("unsubscribing", exc)
+            # RQ's pubsub thread would otherwise go on trying to reconnect for the life of the process.
+            thread = getattr(self, "pubsub_thread", None)
+            if thread is not None:
+                thread.stop()
+                thread.join(timeout=1)
 
 
 class FastRecoveryMixin:
@@ -113,7 +261,7 @@ class FastRecoveryMixin:
         self.run_maintenance_tasks()  # type: ignore[attr-defined]
 
 
-class MiadpoWorker(FastRecoveryMixin, Worker):
+class MiadpoWorker(RideOutRedisOutages, FastRecoveryMixin, Worker):
     """RQ's forking worker, tuned so that abandoned jobs come back fast (see the module docstring)."""
 
     def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
@@ -141,9 +289,8 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-class MiadpoSimpleWorker(FastRecoveryMixin, SimpleWorker):
-    """RQ's non-forking worker with the same timings: jobs run in this process, so what they cache (a
-    loaded model) outlives them. A heartbeat thread stands in for the forking worker's horse monitor."""
+class HeartbeatThreadWorker(SimpleWorker):
+    """RQ's non-forking worker, with a heartbeat thread standing in for the forking worker's horse monitor."""
 
     def execute_job(self, job: Any, queue: Any) -> None:
         execution = self.prepare_execution(job)
@@ -164,6 +311,11 @@ class MiadpoSimpleWorker(FastRecoveryMixin, SimpleWorker):
             stop.set()
             thread.join()
         self.set_state(WorkerStatus.IDLE)
+
+
+class MiadpoSimpleWorker(RideOutRedisOutages, FastRecoveryMixin, HeartbeatThreadWorker):
+    """RQ's non-forking worker with the same timings: jobs run in this process, so what they cache (a
+    loaded model) outlives them."""
 
     def maintenance_while_busy(self) -> None:
         # From the heartbeat thread, only what finds a dead worker's job: the started-job registries. Their
@@ -195,26 +347,54 @@ def make_worker(
         raise ValueError(f"--queues must be a comma list of {', '.join(QUEUES)}, got {','.join(queues)!r}")
     connection = connection or Redis.from_url(settings.redis_url)
     worker_class = MiadpoSimpleWorker if GPU in queues else MiadpoWorker
-    worker = worker_class(
-        [get_queue(connection, q) for q in queues],
-        connection=connection,
-        worker_ttl=settings.worker_ttl_s,
-        job_monitoring_interval=settings.worker_job_monitoring_interval_s,
-        maintenance_interval=settings.worker_maintenance_interval_s,
-    )
+    while True:
+        try:  # RQ's Worker() names its Redis client: it needs Redis already
+            worker = worker_class(
+                [get_queue(connection, q) for q in queues],
+                connection=connection,
+                worker_ttl=settings.worker_ttl_s,
+                job_monitoring_interval=settings.worker_job_monitoring_interval_s,
+                maintenance_interval=settings.worker_maintenance_interval_s,
+            )
+            break
+        except REDIS_DOWN:
+            wait_for_redis(connection, f"worker on {','.join(queues)}: start-up", max_delay_s=settings.redis_backoff_max_s)
     worker.heartbeat_grace_s = settings.worker_heartbeat_grace_s
+    worker.redis_backoff_max_s = settings.redis_backoff_max_s
+    worker.max_connection_wait_time = settings.redis_backoff_max_s  # RQ's own backoff while dequeuing
     return worker
+
+
+def serve_worker(settings: Settings, queues: list[str], *, burst: bool = False) -> int:
+    """Run a worker on `queues` until it is asked to stop (SIGTERM: after the current job; a second
+    SIGTERM: at once) or, with `burst`, until the queues are empty. Waits for Redis to answer first, and
+    builds a new worker if one leaves its loop unasked (RQ ends it on errors it does not expect)."""
+    connection = Redis.from_url(settings.redis_url)
+    what = f"worker on {','.join(queues)}"
+    delay = _FIRST_BACKOFF_S
+    while True:
+        wait_for_redis(connection, f"{what}: start-up", max_delay_s=settings.redis_backoff_max_s)
+        worker = make_worker(settings, queues, connection)
+        try:
+            # The scheduler moves retries with a backoff interval back to their queue when they are due.
+            worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+        except REDIS_DOWN as exc:  # from the few steps of work() outside its loop (starting the scheduler)
+            log.error("%s: worker %s lost Redis outside its loop (%s)", what, worker.name, exc)
+        else:
+            if burst or worker.stop_signalled:
+                return 0
+        log.error("%s: worker %s left its loop without being asked to stop (see above); starting a new one in %.1f s",
+                  what, worker.name, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, settings.redis_backoff_max_s)
 
 
 def run_worker(settings: Settings, queues: list[str], *, burst: bool = False) -> int:
     """Work on `queues` until SIGTERM (finish the current job) or a second SIGTERM (stop it)."""
     configure_logging(settings)
-    worker = make_worker(settings, queues)
     import workers.tasks  # noqa: F401  (imported once here, so every forked job starts warm)
 
-    # The scheduler moves retries with a backoff interval back to their queue when they are due.
-    worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
-    return 0
+    return serve_worker(settings, queues, burst=burst)
 
 
 def run_trainer(settings: Settings, *, burst: bool = False) -> int:
@@ -227,7 +407,6 @@ def run_trainer(settings: Settings, *, burst: bool = False) -> int:
     a trainer killed before that (a container stop) loses only the steps since its last checkpoint.
     """
     configure_logging(settings)
-    worker = make_worker(settings, [TRAIN])
     # torch, transformers, TRL and peft imported once here, so every forked training starts warm.
     import peft  # noqa: F401
     import trl  # noqa: F401
@@ -236,8 +415,7 @@ def run_trainer(settings: Settings, *, burst: bool = False) -> int:
     import trainer.train  # noqa: F401
     import workers.tasks  # noqa: F401  (the job callbacks)
 
-    worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
-    return 0
+    return serve_worker(settings, [TRAIN], burst=burst)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import contextlib
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Callback, Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -24,6 +26,8 @@ from core.settings import Settings
 
 CPU, GPU, TRAIN = "cpu", "gpu", "train"
 QUEUES = (CPU, GPU, TRAIN)
+# What a Redis that is down, restarting or cut off raises (after redis-py's own few quick retries).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 _FAILURE_CALLBACK = "workers.tasks.on_job_failure"
 _STOPPED_CALLBACK = "workers.tasks.on_job_stopped"

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_ttl_s: int = Field(
         30, ge=20, description="An idle worker heartbeats every ttl - 15 s; a silent one is dead after ttl + 60."
     )
+    redis_backoff_max_s: float = Field(
+        30.0, gt=0, description="Workers and trainer wait for an unreachable Redis with backoff from 0.5 s up to this (s)."
+    )
     log_level: str = Field("INFO", description="Log level of the api and worker processes.")
     # Generation: what a pair set uses when its request does not say (the deployment decides).
     generation_backend: Literal["hf", "vllm", "openai"] = Field(

@@ -26,6 +26,7 @@ from redis import Redis
 from core import jobs, records, trainings
 from core.errors import UserError
 from core.exports import export_dir
+from core.jobs import REDIS_DOWN
 from core.settings import get_settings
 from core.store import ArtifactStore
 from trainer.checkpoints import latest_checkpoint, list_checkpoints
@@ -50,6 +51,13 @@ class _Reporter:
         self.steps_seen = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            self._report(event)
+        except REDIS_DOWN as exc:
+            # Progress is advisory: a Redis restart must not end hours of training. The next step reports again.
+            log.warning("training %s: %s not reported, Redis unreachable (%s)", self.training_id, event["event"], exc)
+
+    def _report(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "step":
             self.steps_seen += 1
@@ -119,7 +127,13 @@ def run_training_job(training_id: str) -> dict[str, Any]:
     if start:
         log.info("training %s resumes from checkpoint %d", training_id, start.step)
 
-    progress = ProgressCallback(_Reporter(r, store, training_id), should_stop=lambda: records.cancel_requested(r, training_id))
+    def cancelled() -> bool:
+        try:
+            return records.cancel_requested(r, training_id)
+        except REDIS_DOWN:  # asked again after the next step
+            return False
+
+    progress = ProgressCallback(_Reporter(r, store, training_id), should_stop=cancelled)
     result = run_training(
         model=record["model"],
         export_dir=export_dir(store, record["pairset_id"]),
