@@ -41,7 +41,6 @@ job: none is lost.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -68,11 +67,11 @@ from rq.worker import WorkerStatus
 
 from core.errors import FatalError
 from core.jobs import CPU, GPU, QUEUES, REDIS_DOWN, TRAIN, get_queue
+from core.process import die_with_parent, free_port
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 10.0
 _FIRST_BACKOFF_S = 0.5
 
@@ -274,19 +273,8 @@ class MiadpoWorker(RideOutRedisOutages, FastRecoveryMixin, Worker):
             self.log.exception("failure callback of job %s raised", job.id)
 
     def main_work_horse(self, job: Any, queue: Any) -> None:
-        _die_with_parent()
+        die_with_parent()
         super().main_work_horse(job, queue)
-
-
-def _die_with_parent() -> None:
-    """Make this process get SIGKILL when its parent dies (Linux); elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 class HeartbeatThreadWorker(SimpleWorker):
@@ -436,13 +424,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     )
     openai_api_key: str | None = Field(None, description="Bearer key for that server, if it wants one.")
     device: str | None = Field(None, description="Torch device of workers and trainer (default: cuda if present, else cpu).")
+    train_processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Processes one training runs on (`accelerate launch`, DDP): auto = every CUDA device of the "
+        "trainer's machine, 1 on CPU; more than 1 on CPU trains with gloo.",
+    )
+    accelerate_config: Path | None = Field(
+        None,
+        description="An `accelerate config` file for multi-process training (e.g. deploy/accelerate/deepspeed-zero2.yaml); "
+        "default: plain DDP.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -97,6 +107,13 @@ class Settings(BaseSettings):
             keys = [line.strip() for line in text.splitlines()]
             return [k for k in keys if k and not k.startswith("#")]
         return [k.strip() for k in text.split(",") if k.strip()]
+
+    @field_validator("train_processes")
+    @classmethod
+    def _check_processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"train_processes must be auto or an integer >= 1, got {value!r}")
+        return value
 
     @field_validator("job_retry_intervals", mode="before")
     @classmethod

@@ -198,7 +198,9 @@ def build_configs(
         device: "cuda" (bf16 mixed precision) or "cpu" (fp32, `use_cpu`).
         checkpoint_every: save a resumable checkpoint every this many optimizer steps (and at the last
             step); None = no checkpoints.
-        num_processes: processes training together (DDP), for `effective_batch_size`.
+        num_processes: processes training together (`trainer.launch`, DDP): one optimizer step takes
+            per_device_batch_size x gradient_accumulation_steps x num_processes pairs, and
+            `effective_batch_size` divides by it.
     Returns:
         (DPOConfig, LoraConfig). The reference model is the policy with its adapter disabled: no
         `ref_model` is passed to DPOTrainer, and reference log-probs are computed on the fly (TRL refuses
@@ -210,6 +212,7 @@ def build_configs(
 
     if checkpoint_every is not None:
         _integer("checkpoint_every", checkpoint_every, low=1)
+    _integer("num_processes", num_processes, low=1)
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
@@ -240,6 +243,9 @@ def build_configs(
         # TRL's default is True; ours is the user's choice (transformers 5 renamed it activation_checkpointing)
         activation_checkpointing=hp.gradient_checkpointing,
         seed=hp.seed,
+        # -- several processes (trainer.launch): every LoRA weight takes part in every forward pass, so DDP
+        # need not search the graph for unused ones after each backward
+        ddp_find_unused_parameters=False,
         # -- precision and device
         bf16=on_gpu,
         fp16=False,

@@ -94,8 +94,8 @@ def run_training_job(training_id: str) -> dict[str, Any]:
             the export is empty or malformed (no retry).
         Anything else (a Redis blip, CUDA out of memory, a full disk): RQ retries the job, which resumes.
     """
-    from trainer.callbacks import ProgressCallback  # torch, transformers and TRL only in the work horse
-    from trainer.train import default_device, run_training
+    from trainer.launch import resolve_processes, train  # torch, transformers and TRL only in the work horse
+    from trainer.train import default_device
 
     settings, r = get_settings(), _redis()
     store = ArtifactStore(settings.data_dir)
@@ -133,17 +133,19 @@ def run_training_job(training_id: str) -> dict[str, Any]:
         except REDIS_DOWN:  # asked again after the next step
             return False
 
-    progress = ProgressCallback(_Reporter(r, store, training_id), should_stop=cancelled)
-    result = run_training(
+    device = settings.device or default_device()
+    result = train(
+        num_processes=resolve_processes(settings.train_processes, device),
+        report=_Reporter(r, store, training_id),
+        should_stop=cancelled,
         model=record["model"],
         export_dir=export_dir(store, record["pairset_id"]),
         output_dir=output,
         hp=hp,
         checkpoint_every=record["checkpoint_every"],
-        callbacks=[progress],
-        resume=True,
         settings=settings,
-        device=settings.device or default_device(),
+        device=device,
+        accelerate_config=settings.accelerate_config,
     )
     if result.cancelled:
         rec = records.set_training_status(r, training_id, "cancelled")

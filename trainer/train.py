@@ -69,6 +69,7 @@ def run_training(
     resume: bool = True,
     settings: Settings | None = None,
     device: str | None = None,
+    num_processes: int = 1,
 ) -> TrainResult:
     """Train a LoRA adapter with DPO on a pair-set export.
 
@@ -85,6 +86,8 @@ def run_training(
         settings: where built-in models live (process settings by default).
         device: "cuda" or "cpu"; default: cuda when available. Under `accelerate launch` each process
             trains on its own GPU.
+        num_processes: how many processes run this same call (`trainer.launch`); each takes
+            `per_device_batch_size` pairs per forward pass, only the first writes files.
     Returns:
         Steps, final metrics, adapter folder and the complete checkpoints.
     Raises:
@@ -96,7 +99,8 @@ def run_training(
 
     output_dir, export_dir = Path(output_dir), Path(export_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    args, lora = build_configs(hp, output_dir, device=device or default_device(), checkpoint_every=checkpoint_every)
+    args, lora = build_configs(hp, output_dir, device=device or default_device(), checkpoint_every=checkpoint_every,
+                               num_processes=num_processes)
     if args.should_save:
         if resume:
             remove_incomplete(output_dir)
