@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api bench-method clean
+.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api bench-method bench-scale clean
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -27,7 +27,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy core app
 
-bench: bench-augment bench-train bench-api
+bench: bench-augment bench-train bench-api bench-scale
 
 bench-augment: $(STAMP)
 	$(PY) bench/augment.py
@@ -40,6 +40,9 @@ bench-api: $(STAMP)
 
 bench-method: $(STAMP)
 	$(PY) bench/method.py
+
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
