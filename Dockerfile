@@ -14,7 +14,9 @@ COPY core core
 COPY app app
 COPY workers workers
 COPY trainer trainer
-RUN pip install .
+COPY deploy/accelerate deploy/accelerate
+# The serving extra: `transformers serve`, the generation server of docker-compose.cpu.yml.
+RUN pip install '.[serving]'
 
 RUN useradd --create-home --uid 1000 miadpo && mkdir -p /data /models && chown miadpo /data /models
 USER miadpo

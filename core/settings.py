@@ -108,6 +108,11 @@ class Settings(BaseSettings):
             return [k for k in keys if k and not k.startswith("#")]
         return [k.strip() for k in text.split(",") if k.strip()]
 
+    @field_validator("accelerate_config", mode="before")
+    @classmethod
+    def _no_config(cls, value: object) -> object:
+        return None if value == "" else value  # docker-compose passes an unset variable as ""
+
     @field_validator("train_processes")
     @classmethod
     def _check_processes(cls, value: int | str) -> int | str:
