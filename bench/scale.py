@@ -233,6 +233,7 @@ def main() -> int:
             for n in counts:
                 print(f"measuring {n} gpu worker(s) ...", file=sys.stderr, flush=True)
                 runs.append(measure(stack, dataset_id, n, args))
+            images = [p.stat().st_size for p in (root / "data" / "images").rglob("*") if p.is_file()]
         finally:
             stack.close()
 
@@ -249,7 +250,9 @@ def main() -> int:
     work = base.redis_commands - base.idle_rate * base.wall_s
     print(f"  Redis commands        {work / base.shards:>10.1f}  (every client's, less what the same processes send idle)")
     print(f"  Redis memory kept     {base.redis_memory / base.shards / 1024:>10.1f} KiB  (finished jobs' results are kept 24 h)")
-    print(f"  gpu worker reads      {base.read_bytes / base.shards / 1024:>10.1f} KiB  (files; rchar)")
+    mean_image = sum(images) / len(images)
+    print(f"  gpu worker reads      {base.read_bytes / base.shards / 1024:>10.1f} KiB  (files; rchar): "
+          f"{base.read_bytes / base.prompts / mean_image:.1f} source images per prompt of {mean_image / 1024:.1f} KiB on average")
     print(f"  gpu worker writes     {base.written_bytes / base.shards / 1024:>10.1f} KiB  (files and logs; wchar)")
     print(f"  shard output file     {base.shard_file_bytes / base.shards / 1024:>10.1f} KiB")
     last = runs[-1]

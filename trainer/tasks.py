@@ -3,7 +3,8 @@
     training-{id}   train   run_training_job: DPO + LoRA on the pair set's export
 
 Enqueued only by `core.jobs` (`enqueue_training`, `enqueue_training_for_pairset`); run by `miadpo
-trainer`, a forking worker on the `train` queue, one training at a time. The job always resumes
+trainer`, a forking worker on the `train` queue, one training at a time, on `MIADPO_TRAIN_PROCESSES`
+processes (`trainer.launch`: auto = every GPU of the machine). The job always resumes
 (`run_training(resume=True)`): a re-run after its worker died, or a retry after a fault, continues from
 the latest complete checkpoint under `trainings/{id}/output` instead of starting over.
 
@@ -11,7 +12,8 @@ Progress goes to the record on every optimizer step (step, total steps, latest m
 events stream as `step` events (at most about one a second, plus the first and last step of each run)
 and `checkpoint` events (every one). A cancel is honoured between optimizer steps: the step is saved as
 a checkpoint and the training ends `cancelled`. A `UserError` (unknown model, empty or malformed export,
-a pair set that is not there) fails the training at once; other faults are retried (`core.jobs`).
+a pair set that is not there) fails the training at once; other faults are retried (`core.jobs`). A Redis
+that is away for a while costs reports, not the training: they are skipped until it answers again.
 """
 
 from __future__ import annotations
