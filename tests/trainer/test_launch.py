@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from tests.e2e.conftest import ROOT, wait_for
@@ -19,7 +20,7 @@ from tests.e2e.test_workers_e2e import _pids_with_env
 from tests.trainer.test_train import FAST
 from trainer.checkpoints import latest_checkpoint
 from trainer.config import TrainHyperparameters
-from trainer.launch import train
+from trainer.launch import launch_command, resolve_processes, train
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc")
 
@@ -34,7 +35,7 @@ import json, sys
 from pathlib import Path
 from core.settings import Settings
 from trainer.config import TrainHyperparameters
-from trainer.launch import train
+from trainer.launch import launch_command, resolve_processes, train
 a = json.loads(sys.argv[1])
 train(num_processes=2, report=lambda event: None, should_stop=lambda: False, model=a["model"],
       export_dir=Path(a["export"]), output_dir=Path(a["out"]), hp=TrainHyperparameters(**a["hp"]),
@@ -105,3 +106,14 @@ def test_two_processes_train_like_one_stop_together_and_resume_after_a_sigkill(t
     assert _tensors(last.adapter_dir) == _tensors(one.adapter_dir)
     config = json.loads((last.adapter_dir / "adapter_config.json").read_text())
     assert config == json.loads((one.adapter_dir / "adapter_config.json").read_text())
+
+
+def test_how_many_processes_and_how_they_are_launched(tmp_path):
+    assert resolve_processes("auto", "cpu") == 1 and resolve_processes(3, "cpu") == 3
+    assert resolve_processes("auto", "cuda") == max(1, torch.cuda.device_count())
+    ddp = launch_command(4, "cuda", tmp_path / "spec.json", None)
+    assert ddp[ddp.index("--num_processes") + 1] == "4" and "--multi_gpu" in ddp
+    assert ddp[-3:] == ["-m", "trainer.launch", str(tmp_path / "spec.json")]  # the ranks run trainer.launch.main
+    zero2 = ROOT / "deploy" / "accelerate" / "deepspeed-zero2.yaml"
+    deepspeed = launch_command(8, "cuda", tmp_path / "spec.json", zero2)
+    assert deepspeed[deepspeed.index("--config_file") + 1] == str(zero2) and "--multi_gpu" not in deepspeed
