@@ -256,9 +256,11 @@ def main() -> int:
     print(f"  gpu worker writes     {base.written_bytes / base.shards / 1024:>10.1f} KiB  (files and logs; wchar)")
     print(f"  shard output file     {base.shard_file_bytes / base.shards / 1024:>10.1f} KiB")
     last = runs[-1]
-    extra = (last.idle_rate - base.idle_rate) / (last.workers - base.workers) if last.workers != base.workers else float("nan")
-    print(f"idle: {base.idle_rate:.1f} Redis commands/s with {base.workers} gpu + 1 cpu worker, {last.idle_rate:.1f} with "
-          f"{last.workers} gpu + 1 cpu: {extra:.2f}/s per extra worker (the rest: one RQ scheduler per queue, every second)")
+    idle = f"idle: {base.idle_rate:.1f} Redis commands/s with {base.workers} gpu + 1 cpu worker"
+    if last.workers != base.workers:
+        extra = (last.idle_rate - base.idle_rate) / (last.workers - base.workers)
+        idle += f", {last.idle_rate:.1f} with {last.workers} gpu + 1 cpu: {extra:.2f}/s per extra worker"
+    print(f"{idle} (the rest: the one RQ scheduler of each queue, every second)")
     return 0
 
 
