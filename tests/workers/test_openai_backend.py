@@ -291,7 +291,6 @@ def test_the_served_model_answers_as_the_in_process_hf_backend(server, tiny_llav
         PromptInput("seq", "Image1:<image>\nImage2:<image>\nIn Image2, what color is it?", [_noise((40, 30), seed=5), _noise((20, 50), seed=6)]),
         PromptInput("grid", "<image>\nIn Image1, describe the shape.", [_noise((64, 64), seed=7)]),
         PromptInput("pip", "<image>\nFor the image in the center, what is it?", [_noise((33, 47), seed=8)]),
-        PromptInput("text", "What is a shape?", []),
     ]
     greedy = GenerationConfig(max_new_tokens=12)
     direct = hf.generate(batch, greedy)
