@@ -98,6 +98,8 @@ def train(
         )  # fmt: skip
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".launch-*"):  # of a launch killed with its work horse (one job per folder)
+        shutil.rmtree(stale, ignore_errors=True)
     run = Path(tempfile.mkdtemp(prefix=".launch-", dir=output_dir))
     try:
         spec = {
