@@ -1,9 +1,15 @@
-"""`miadpo pairs` end to end on the sample data, and the export straight into trl.DPOTrainer."""
+"""`miadpo pairs` end to end on the sample data, and the export straight into trl.DPOTrainer.
+
+Two runs share the module: tiny-llava with 2 sampled candidates per prompt and tiny-qwen2.5-vl with 3,
+so selection picks among several candidates and both families go through merge and export.
+"""
 
 from __future__ import annotations
 
 import glob
+import json
 import re
+from pathlib import Path
 
 import pytest
 from datasets import load_dataset
@@ -11,22 +17,48 @@ from datasets import load_dataset
 from cli.main import main
 from core.settings import get_settings
 
+# The paper's thresholds (DESIGN 2.4), written out here rather than read from the code under test.
+PAPER_THRESHOLDS = {
+    "sequence": {2: 0.7, 3: 0.6, 4: 0.5, 5: 0.5},
+    "grid": {2: 0.7, 3: 0.6, 4: 0.5, 6: 0.4, 9: 0.4},
+    "pic_in_pic": {2: 0.6},
+}
+RUNS = {
+    "tiny-llava": ["--num", "30", "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5",
+                   "--num-candidates", "2", "--temperature", "1.0"],
+    "tiny-qwen2.5-vl": ["--num", "16", "--max-new-tokens", "10", "--shard-size", "8", "--seed", "3",
+                        "--num-candidates", "3", "--temperature", "1.0"],
+}
+
+
+def _pairs(root: Path, model: str, out: Path) -> Path:
+    assert main(["pairs", "--dataset", str(root / "sd"), "--out", str(out), "--model", model, *RUNS[model]]) == 0
+    return out
+
 
 @pytest.fixture(scope="module")
-def pairs_run(tmp_path_factory):
+def sample_root(tmp_path_factory):
+    """The sample data and a data dir (built-in models, the ingested dataset) for the module."""
     root = tmp_path_factory.mktemp("pairs")
     mp = pytest.MonkeyPatch()
     mp.setenv("MIADPO_DATA_DIR", str(root / "data"))
     get_settings.cache_clear()
     try:
         assert main(["sample-data", str(root / "sd"), "--num", "24"]) == 0
-        args = ["pairs", "--dataset", str(root / "sd"), "--out", str(root / "out"), "--num", "30",
-                "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
-        assert main(args) == 0
-        yield root / "out"
+        yield root
     finally:
         mp.undo()
         get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def pairs_run(sample_root):
+    return _pairs(sample_root, "tiny-llava", sample_root / "out")
+
+
+@pytest.fixture(scope="module")
+def qwen_run(sample_root):
+    return _pairs(sample_root, "tiny-qwen2.5-vl", sample_root / "out-qwen")
 
 
 def _card_counts(card: str) -> dict[str, int]:
@@ -42,27 +74,74 @@ def test_card_counts_add_up(pairs_run):
     assert counts["pairs"] > 0  # a random tiny model's attention is arbitrary, but 30 prompts give some pairs
 
 
-def test_export_loads_and_matches_the_records(pairs_run):
-    files = sorted(glob.glob(str(pairs_run / "export" / "data" / "*.parquet")))
+def _source_answers(dataset: Path) -> dict[str, tuple[str, str]]:
+    """id -> (first question, first answer), read from the LLaVA file `sample-data` wrote."""
+    rows = json.loads((dataset / "llava.json").read_text())
+    return {r["id"]: (r["conversations"][0]["value"].replace("<image>", "").strip(), r["conversations"][1]["value"].strip())
+            for r in rows}
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+@pytest.mark.parametrize("run", ["pairs_run", "qwen_run"])
+def test_export_loads_and_matches_the_records(run, request):
+    """Every exported row against the shard records and the source file: chosen is the sample's own answer,
+    rejected the text of the candidate selection kept (re-derived here: the hallucinated candidate with the
+    lowest ratio that is not the answer), its ratio at or below the threshold of its format and image count."""
+    out: Path = request.getfixturevalue(run)
+    model = "tiny-llava" if run == "pairs_run" else "tiny-qwen2.5-vl"
+    num_candidates = int(RUNS[model][RUNS[model].index("--num-candidates") + 1])
+    sources = _source_answers(out.parent / "sd")
+    records = {}
+    for path in sorted((out / "shards").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            records[rec["uid"]] = rec
+    files = sorted(glob.glob(str(out / "export" / "data" / "*.parquet")))
     ds = load_dataset("parquet", data_files=files, split="train")
-    counts = _card_counts((pairs_run / "export" / "README.md").read_text())
-    assert len(ds) == counts["pairs"]
+    counts = _card_counts((out / "export" / "README.md").read_text())
+    assert len(ds) == counts["pairs"] > 0
+    outcomes = {json.loads(line)["uid"]: json.loads(line)["outcome"] for line in (out / "export" / "candidates.jsonl").read_text().splitlines()}
+    assert sorted(ds["uid"]) == sorted(uid for uid, outcome in outcomes.items() if outcome == "exported")
+
+    # Selection, re-derived from the recorded ratios, for every prompt (exported or not).
+    for rec in records.values():
+        fmt, n = rec["recipe"]["format"], len(rec["recipe"]["images"])
+        threshold = PAPER_THRESHOLDS[fmt][n]
+        assert rec["threshold"] == threshold and len(rec["candidates"]) == num_candidates
+        truth = _normalised(sources[rec["recipe"]["sample_id"]][1])
+        eligible = [i for i, c in enumerate(rec["candidates"])
+                    if c["ratio"] is not None and c["ratio"] <= threshold and c["text"].strip() and _normalised(c["text"]) != truth]
+        expected = min(eligible, key=lambda i: (rec["candidates"][i]["ratio"], i)) if eligible else None
+        assert rec["rejected"] == expected, rec["uid"]
+
+    several = 0
     for row in ds:
+        rec = records[row["uid"]]
+        question, answer = sources[row["source_id"]]
+        kept = rec["candidates"][rec["rejected"]]
+        fmt, n = row["format"], len(rec["recipe"]["images"])  # the threshold's image count: the collage's cells
+        chosen, rejected = row["chosen"][0]["content"][0]["text"], row["rejected"][0]["content"][0]["text"]
+        assert chosen == answer, row["uid"]
+        assert rejected == kept["text"] and kept["reason"] == "kept", row["uid"]
+        assert _normalised(chosen) != _normalised(rejected) and rejected.strip()
+        assert row["attention_ratio"] == kept["ratio"] <= PAPER_THRESHOLDS[fmt][n], row["uid"]
+        assert (fmt, row["target_index"]) == (rec["recipe"]["format"], rec["recipe"]["target_index"])
+        prompt_text = "".join(p["text"] or "" for p in row["prompt"][0]["content"] if p["type"] == "text")
+        assert question[0].lower() + question[1:] in prompt_text  # the source question, rewritten
         n_parts = sum(p["type"] == "image" for p in row["prompt"][0]["content"])
-        assert n_parts == len(row["images"]) == (row["n_images"] if row["format"] == "sequence" else 1)
-        assert row["chosen"][0]["content"][0]["text"].strip()
-        assert row["rejected"][0]["content"][0]["text"].strip()
-        assert row["chosen"][0]["content"][0]["text"] != row["rejected"][0]["content"][0]["text"]
-        assert row["attention_ratio"] <= 0.7  # rejected answers are hallucinated by the paper's thresholds
+        assert n_parts == len(row["images"]) == row["n_images"] == (n if fmt == "sequence" else 1)
+        several += len({c["text"] for c in rec["candidates"]}) > 1
+    assert several > 0  # the kept candidate was chosen among different answers
 
 
 def test_same_seed_same_pairs(pairs_run, tmp_path, monkeypatch):
     """A second run with the same seed writes byte-identical shard records."""
     monkeypatch.setenv("MIADPO_DATA_DIR", str(pairs_run.parent / "data"))
     get_settings.cache_clear()
-    args = ["pairs", "--dataset", str(pairs_run.parent / "sd"), "--out", str(tmp_path), "--num", "30",
-            "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
-    assert main(args) == 0
+    _pairs(pairs_run.parent, "tiny-llava", tmp_path)
     get_settings.cache_clear()
     for name in ("00000.jsonl", "00001.jsonl"):
         assert (tmp_path / "shards" / name).read_bytes() == (pairs_run / "shards" / name).read_bytes()
