@@ -323,7 +323,6 @@ def test_a_shard_whose_worker_was_killed_is_rerun_and_the_pairs_are_the_same(sta
     rerun = time.monotonic() - killed_at
     done = _wait_finished(stack, ps["id"])
     print(f"abandoned shard re-run {rerun:.1f} s after its worker was killed; pair set done {time.monotonic() - killed_at:.1f} s after")
-    assert rerun < 120
     assert done["status"] == "succeeded", done
     assert done["progress"] == {"done": NUM, "total": NUM}  # the re-run shard is counted once
     assert done["counts"] == stack.reference["counts"]
