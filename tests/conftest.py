@@ -1,7 +1,12 @@
-"""Fixtures shared by the whole suite: a real redis-server of our own (never the machine's Redis)."""
+"""Fixtures shared by the whole suite: a real redis-server of our own (never the machine's Redis).
+
+A machine without a program the suite needs fails the tests that need it with the command that installs
+it; nothing is skipped, since a skipped test is a part nobody checked (CI installs them all).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -12,13 +17,30 @@ from redis import Redis
 
 from cli.services import free_port
 
+REDIS_INSTALL = "apt-get install -y redis-server"
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver"
+
+
+def require_executable(name: str, install: str, path: str | None = None) -> str:
+    """The full path of `name` (or of `path`, if given and executable); fails the test with `install` if missing."""
+    found = (path if path and os.access(path, os.X_OK) else None) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (not on PATH); install it with: {install}", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="session")
+def browser_executables() -> tuple[str, str]:
+    """(chromium, chromedriver) for browser tests: the Debian packages, or the command that installs them."""
+    chromium = require_executable("chromium", BROWSER_INSTALL, os.environ.get("MIADPO_CHROMIUM"))
+    driver = require_executable("chromedriver", BROWSER_INSTALL, os.environ.get("MIADPO_CHROMEDRIVER"))
+    return chromium, driver
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server on a free port with its files in a temp dir, for the whole session."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH")
+    exe = require_executable("redis-server", REDIS_INSTALL)
     folder = tmp_path_factory.mktemp("redis")
     port = free_port()
     proc = subprocess.Popen(

@@ -15,6 +15,7 @@ for a JSON list, which the json module has to parse whole).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -281,7 +283,12 @@ def _extract_zip(archive: Path, dest: Path, limits: IngestLimits) -> None:
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
-                with zf.open(info) as src:
+                # zipfile cuts a member at the size its header declares (and then fails the CRC when the
+                # header lied). Let it read to the end of the member's data instead: what the counter's cap
+                # sees is the bytes really there, whatever the header says; the CRC still checks them.
+                unbounded = copy.copy(info)
+                unbounded.file_size = sys.maxsize
+                with zf.open(unbounded) as src:
                     counter.copy(src, target)
     except _ARCHIVE_ERRORS as e:
         raise UserError(f"could not read the zip archive: {e}", code="invalid_archive") from None

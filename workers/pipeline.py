@@ -224,6 +224,21 @@ def process_shard(
         verdict, the rejected index and the pair's statistics (None when there is no pair).
     """
     recipes = make_recipes(samples, num=stop - start, seed=config.seed, mix=config.effective_mix, start=start)
+    return process_recipes(recipes, config, start, handle=handle, backend=backend, load=load, on_batch=on_batch)
+
+
+def process_recipes(
+    recipes: Sequence[Recipe],
+    config: PipelineConfig,
+    start: int,
+    *,
+    handle: Any,
+    backend: GenerationBackend,
+    load: Loader,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """The shard step on given recipes (`process_shard` makes them from the samples): render, generate,
+    measure attention, judge. `start` is the shard's first recipe index (it seeds the generation)."""
     tokenizer = handle.processor.tokenizer
     fit = model_fit(handle)
     gen = config.generation

@@ -58,7 +58,6 @@ class Stack:
     dataset_id: str
     trainer: Service
     started: list[Service]
-    shared: dict[str, Any]
 
     def start(self, args: list[str], **extra: str) -> Service:
         service = Service(args, {**self.env, **extra}, self.root / f"{args[0]}-{len(self.started)}.log")
@@ -76,7 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     # Retries without backoff (an abandoned job is re-queued at once); everything on cpu.
     env = service_env(root / "data", url, **FAST, MIADPO_API_KEYS=KEY, MIADPO_JOB_RETRY_INTERVALS="0", MIADPO_DEVICE="cpu")
     port = free_port()
-    stack = Stack(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60), conn, root / "data", env, root, "", None, [], {})  # type: ignore[arg-type]
+    stack = Stack(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60), conn, root / "data", env, root, "", None, [])  # type: ignore[arg-type]
     try:
         stack.start(["api", "--port", str(port)])
         stack.start(["worker", "--queues", "cpu,gpu"])
@@ -199,14 +198,22 @@ def test_a_pairset_with_train_chains_a_training_whose_adapter_works(stack: Stack
         f"pair set with train: pairs {ps['counts']['pairs']} after {pairs_done - started:.1f} s, "
         f"training succeeded {trained - pairs_done:.1f} s later"
     )
-    stack.shared["pairset_id"] = pairset_id
+
+
+@pytest.fixture(scope="module")
+def pairset_id(stack: Stack) -> str:
+    """A finished pair set (no training chained) for the tests that start trainings of their own: made by
+    whichever needs it first, so every test passes alone and in any order."""
+    body = {k: v for k, v in PAIRSET.items() if k != "train"}
+    r = stack.client.post("/v1/pairsets", headers=A, json={"dataset_id": stack.dataset_id, **body})
+    assert r.status_code == 201, r.text
+    done = wait_for(lambda: (ps := _get(stack, f"/v1/pairsets/{r.json()['id']}"))["status"] in TERMINAL and ps, 120, "the pair set")
+    assert done["status"] == "succeeded" and done["counts"]["pairs"] > 0, done  # type: ignore[index]
+    return r.json()["id"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, /proc and SIGKILL")
-def test_a_training_whose_trainer_was_killed_resumes_from_its_checkpoint(stack: Stack) -> None:
-    pairset_id = stack.shared.get("pairset_id")
-    if pairset_id is None:
-        pytest.skip("needs the pair set of the first test")
+def test_a_training_whose_trainer_was_killed_resumes_from_its_checkpoint(stack: Stack, pairset_id: str) -> None:
     # Long enough to kill mid-run on a fast machine too (a tiny-llava step takes ~0.1-1 s).
     body = {"pairset_id": pairset_id, "hyperparameters": {**FAST_LORA, "max_steps": MAX_STEPS}, "checkpoint_every": EVERY}
     r = stack.client.post("/v1/trainings", headers=A, json=body)
@@ -265,10 +272,7 @@ def test_a_training_whose_trainer_was_killed_resumes_from_its_checkpoint(stack: 
     )
 
 
-def test_cancelling_a_running_training_stops_it_after_a_step_saved_as_a_checkpoint(stack: Stack) -> None:
-    pairset_id = stack.shared.get("pairset_id")
-    if pairset_id is None:
-        pytest.skip("needs the pair set of the first test")
+def test_cancelling_a_running_training_stops_it_after_a_step_saved_as_a_checkpoint(stack: Stack, pairset_id: str) -> None:
     body = {"pairset_id": pairset_id, "hyperparameters": {**FAST_LORA, "max_steps": 500}, "checkpoint_every": 100}
     training_id = stack.client.post("/v1/trainings", headers=A, json=body).json()["id"]
     wait_for(lambda: _get(stack, f"/v1/trainings/{training_id}")["progress"]["step"] >= 2, 60, "two steps", interval=0.05)

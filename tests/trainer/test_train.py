@@ -129,7 +129,7 @@ def test_progress_reports_every_step_and_checkpoint(trained):
         assert e["total_steps"] == 3 and e["lr"] is not None and e["epoch"] > 0
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
             assert isinstance(e["metrics"][key], float), key
-    assert steps[-1]["metrics"]["rewards/margins"] != 0.0  # the adapter moved the policy off the reference
+    # Which way the policy moved is test_dpo_direction.py's business (a margin computed from the model itself).
     saved = [e for e in events if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [2, 3]
     assert all(e["complete_when_reported"] and "loss" in e["metrics"] for e in saved)

@@ -180,7 +180,7 @@ def test_source_column_wins_and_is_checked(store, tmp_path):
 
 
 def test_parquet_written_by_datasets(store, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a hard dependency (the export writes with it): never skipped
     red = png((255, 0, 0), (6, 4))
     table = {
         "image": [
@@ -428,11 +428,13 @@ def test_archive_over_declared_size_refused(store, tmp_path, kind):
 
 
 def test_zip_with_lying_size_header_refused(store, tmp_path):
-    # Declare 10 bytes for a 5000-byte stored member, in both headers: the declared total passes the
-    # limit, the real content does not match what was declared.
+    # A valid dataset plus a 5000-byte stored member whose headers (local and central) declare 10 bytes:
+    # the declared total passes the 1000-byte limit, the CRC is the real content's. Only the count of
+    # the bytes really extracted can refuse it (without that cap the dataset would be ingested).
     path = tmp_path / "liar.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("data.jsonl", json.dumps(simple_row("a", "a.jpg")) + "\n")
+        zf.writestr("data.jsonl", json.dumps(simple_row("a", "a.png")) + "\n")
+        zf.writestr("a.png", png())
         zf.writestr("big.bin", b"\x01" * 5000)
     with zipfile.ZipFile(path) as zf:
         local = zf.getinfo("big.bin").header_offset
@@ -442,9 +444,11 @@ def test_zip_with_lying_size_header_refused(store, tmp_path):
     raw[local + 22 : local + 26] = (10).to_bytes(4, "little")  # uncompressed size, local header
     raw[central + 24 : central + 28] = (10).to_bytes(4, "little")  # uncompressed size, central directory
     path.write_bytes(bytes(raw))
-    err = _refused(path, store, IngestLimits(1000, 1000, 200.0, 1_000_000, 512))
-    # zipfile stops at the declared size and then fails the CRC; either way nothing is ingested.
-    assert err.code in ("archive_too_large", "invalid_archive"), err.message
+    limits = IngestLimits(1000, 1000, 200.0, 1_000_000, 512)
+    with zipfile.ZipFile(path) as zf:
+        assert sum(i.file_size for i in zf.infolist()) < limits.max_archive_bytes  # the header check passes
+    err = _refused(path, store, limits)
+    assert err.code == "archive_too_large" and "content exceeds" in err.message, err.message
 
 
 def test_zip_bomb_ratio_refused(store, tmp_path):

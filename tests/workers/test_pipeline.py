@@ -1,32 +1,59 @@
-"""`miadpo pairs` end to end on the sample data, and the export straight into trl.DPOTrainer."""
+"""`miadpo pairs` end to end on the sample data, and the export straight into trl.DPOTrainer.
+
+Two runs share the module: tiny-llava with 2 sampled candidates per prompt and tiny-qwen2.5-vl with 3,
+so selection picks among several candidates and both families go through merge and export.
+"""
 
 from __future__ import annotations
 
 import glob
+import json
 import re
+from pathlib import Path
 
 import pytest
 from datasets import load_dataset
 
 from cli.main import main
 from core.settings import get_settings
+from tests.pairs_check import check_pairs, read_shard_records, source_answers
+
+RUNS = {
+    "tiny-llava": ["--num", "30", "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5",
+                   "--num-candidates", "2", "--temperature", "1.0"],
+    "tiny-qwen2.5-vl": ["--num", "16", "--max-new-tokens", "10", "--shard-size", "8", "--seed", "3",
+                        "--num-candidates", "3", "--temperature", "1.0"],
+}
+
+
+def _pairs(root: Path, model: str, out: Path) -> Path:
+    assert main(["pairs", "--dataset", str(root / "sd"), "--out", str(out), "--model", model, *RUNS[model]]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
-def pairs_run(tmp_path_factory):
+def sample_root(tmp_path_factory):
+    """The sample data and a data dir (built-in models, the ingested dataset) for the module."""
     root = tmp_path_factory.mktemp("pairs")
     mp = pytest.MonkeyPatch()
     mp.setenv("MIADPO_DATA_DIR", str(root / "data"))
     get_settings.cache_clear()
     try:
         assert main(["sample-data", str(root / "sd"), "--num", "24"]) == 0
-        args = ["pairs", "--dataset", str(root / "sd"), "--out", str(root / "out"), "--num", "30",
-                "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
-        assert main(args) == 0
-        yield root / "out"
+        yield root
     finally:
         mp.undo()
         get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def pairs_run(sample_root):
+    return _pairs(sample_root, "tiny-llava", sample_root / "out")
+
+
+@pytest.fixture(scope="module")
+def qwen_run(sample_root):
+    return _pairs(sample_root, "tiny-qwen2.5-vl", sample_root / "out-qwen")
 
 
 def _card_counts(card: str) -> dict[str, int]:
@@ -42,27 +69,30 @@ def test_card_counts_add_up(pairs_run):
     assert counts["pairs"] > 0  # a random tiny model's attention is arbitrary, but 30 prompts give some pairs
 
 
-def test_export_loads_and_matches_the_records(pairs_run):
-    files = sorted(glob.glob(str(pairs_run / "export" / "data" / "*.parquet")))
+@pytest.mark.parametrize("run", ["pairs_run", "qwen_run"])
+def test_export_loads_and_matches_the_records(run, request):
+    """Every exported row against the shard records and the source file: chosen is the sample's own answer,
+    rejected the text of the candidate selection kept (re-derived here: the hallucinated candidate with the
+    lowest ratio that is not the answer), its ratio at or below the threshold of its format and image count."""
+    out: Path = request.getfixturevalue(run)
+    model = "tiny-llava" if run == "pairs_run" else "tiny-qwen2.5-vl"
+    num_candidates = int(RUNS[model][RUNS[model].index("--num-candidates") + 1])
+    records = read_shard_records(sorted((out / "shards").glob("*.jsonl")))
+    files = sorted(glob.glob(str(out / "export" / "data" / "*.parquet")))
     ds = load_dataset("parquet", data_files=files, split="train")
-    counts = _card_counts((pairs_run / "export" / "README.md").read_text())
-    assert len(ds) == counts["pairs"]
-    for row in ds:
-        n_parts = sum(p["type"] == "image" for p in row["prompt"][0]["content"])
-        assert n_parts == len(row["images"]) == (row["n_images"] if row["format"] == "sequence" else 1)
-        assert row["chosen"][0]["content"][0]["text"].strip()
-        assert row["rejected"][0]["content"][0]["text"].strip()
-        assert row["chosen"][0]["content"][0]["text"] != row["rejected"][0]["content"][0]["text"]
-        assert row["attention_ratio"] <= 0.7  # rejected answers are hallucinated by the paper's thresholds
+    counts = _card_counts((out / "export" / "README.md").read_text())
+    assert len(ds) == counts["pairs"] > 0
+    outcomes = {json.loads(line)["uid"]: json.loads(line)["outcome"] for line in (out / "export" / "candidates.jsonl").read_text().splitlines()}
+    assert sorted(ds["uid"]) == sorted(uid for uid, outcome in outcomes.items() if outcome == "exported")
+
+    check_pairs(list(ds), records, source_answers(out.parent / "sd"), num_candidates)
 
 
 def test_same_seed_same_pairs(pairs_run, tmp_path, monkeypatch):
     """A second run with the same seed writes byte-identical shard records."""
     monkeypatch.setenv("MIADPO_DATA_DIR", str(pairs_run.parent / "data"))
     get_settings.cache_clear()
-    args = ["pairs", "--dataset", str(pairs_run.parent / "sd"), "--out", str(tmp_path), "--num", "30",
-            "--max-new-tokens", "12", "--shard-size", "16", "--seed", "5"]
-    assert main(args) == 0
+    _pairs(pairs_run.parent, "tiny-llava", tmp_path)
     get_settings.cache_clear()
     for name in ("00000.jsonl", "00001.jsonl"):
         assert (tmp_path / "shards" / name).read_bytes() == (pairs_run / "shards" / name).read_bytes()

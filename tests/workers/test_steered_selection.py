@@ -21,6 +21,11 @@ are set by hand so that layer 0 of the language model attends to the *red* patch
 A candidate's ratio is then known: the probe averages the rows P-1 .. P+T-2 (the prompt's last
 token ':' and the candidate's tokens but the last), so a lowercase candidate looks only at the red
 image, and a candidate whose tokens are uppercase looks at the blue one on all rows but the first.
+
+The verdicts come from the pipeline's own shard step (`workers.pipeline.process_recipes`: render, fit
+the images for the model, probe, ratio, select) on hand-made recipes; only generation is scripted (a
+backend that answers with the given texts, read through the model's own `AnswerReader`), since the
+steered model's own answers are not the point.
 """
 
 from __future__ import annotations
@@ -33,19 +38,13 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.attention import ProbeResult, probe, recipe_ratio
+from workers.attention import probe
 from workers.augment import PIP_PHRASES, Recipe, SourceImage, build_prompt
-from workers.generate import PromptInput
-from workers.models import ModelHandle, load_model, region_weights
+from workers.generate import Candidate, GenerationConfig, PromptInput
+from workers.models import ModelHandle, TokenLayout, load_model, region_weights
+from workers.pipeline import PipelineConfig, decode_attention, model_fit, process_recipes
 from workers.render import render_recipe, target_box
-from workers.select import (
-    EQUALS_GROUND_TRUTH,
-    KEPT,
-    NOT_HALLUCINATED,
-    NOT_LOWEST,
-    SelectionConfig,
-    select,
-)
+from workers.select import EQUALS_GROUND_TRUTH, KEPT, NOT_HALLUCINATED, NOT_LOWEST, SelectionConfig
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 SIZE = (640, 480)  # every source image's recorded size
@@ -56,7 +55,8 @@ LAYER = 0
 STEER = 1.5  # query and key weight: score = (8 * STEER) ** 2 / sqrt(16) = 36 on a matching patch
 THRESHOLD = 0.5  # a patch is red (blue) when its mean redness (blueness) exceeds this
 GAIN = 1e4  # projector gain before GELU
-PAPER = SelectionConfig()
+# The paper preset, with the layer that is steered and the rows the expected ratios below are worked out for.
+CONFIG = PipelineConfig(layers=(LAYER,), selection=SelectionConfig(attention_rows="producing"), generation=GenerationConfig(batch_size=8))
 
 
 # -- the steered model ------------------------------------------------------------------------------
@@ -167,22 +167,37 @@ def recipe(
     )
 
 
-def judge(handle: ModelHandle, rec: Recipe, refs: dict[str, Image.Image], texts: Sequence[str]):
-    """Render, probe every candidate at layer 0, take the format's ratio and select.
+class ScriptedBackend:
+    """Generation that answers every prompt with `texts`, each read as a backend reads what it decoded."""
 
-    Returns (rendered images, probe results, ratios, verdict reasons, rejected index).
+    name = "scripted"
+
+    def __init__(self, handle: ModelHandle, texts: Sequence[str]) -> None:
+        self.reader, self.texts = handle.answer_reader(), list(texts)
+
+    def generate(self, batch: Sequence[PromptInput], config: GenerationConfig) -> list[list[Candidate]]:
+        return [[self.reader.from_text(t) for t in self.texts] for _ in batch]
+
+    def close(self) -> None:
+        pass
+
+
+def judge(handle: ModelHandle, rec: Recipe, refs: dict[str, Image.Image], texts: Sequence[str]):
+    """The pipeline's shard step on one recipe whose candidates are `texts`.
+
+    Returns (the images as the model was given them, their fit offsets, the prompt's record, the ratios,
+    the verdict reasons, the rejected index).
     """
-    images = render_recipe(rec, lambda ref: refs[ref].copy())
-    prompt = PromptInput(rec.uid, rec.prompt, images)
-    tokenizer = handle.processor.tokenizer
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    results = probe(handle, [prompt] * len(texts), ids, layers=[LAYER])
-    box = target_box(rec)
-    size = images[0].size if box is not None else None
-    ratios = [recipe_ratio(r, rec.format, rec.target_index, size, box, rows="producing") for r in results]
-    assert not any(math.isnan(r) for r in ratios)
-    verdicts, rejected = select(rec.answer, list(texts), ratios, PAPER.threshold(rec.format, rec.n_images))
-    return images, results, ratios, [v.reason for v in verdicts], rejected
+    def load(ref: str) -> Image.Image:
+        return refs[ref].copy()
+
+    (record,) = process_recipes([rec], CONFIG, 0, handle=handle, backend=ScriptedBackend(handle, texts), load=load)
+    assert [c["text"] for c in record["candidates"]] == list(texts)
+    assert record["threshold"] == CONFIG.selection.threshold(rec.format, rec.n_images)
+    images, offsets = model_fit(handle)(render_recipe(rec, load))
+    ratios = [c["ratio"] for c in record["candidates"]]
+    assert not any(r is None or math.isnan(r) for r in ratios)
+    return images, offsets, record, ratios, [c["reason"] for c in record["candidates"]], record["rejected"]
 
 
 def red_patches(handle: ModelHandle, image: Image.Image) -> np.ndarray:
@@ -199,21 +214,28 @@ def red_patches(handle: ModelHandle, image: Image.Image) -> np.ndarray:
     return (per_patch > THRESHOLD).flatten().numpy()
 
 
-def expected_region_ratio(handle: ModelHandle, rec: Recipe, image: Image.Image, result: ProbeResult) -> float:
+def expected_region_ratio(handle: ModelHandle, rec: Recipe, image: Image.Image, offset: tuple[int, int], record: dict) -> float:
     """The region ratio if attention is spread evenly over the red patches and nowhere else.
 
-    Each red token then counts with the fraction of its footprint inside the target box
-    (`region_weights`, the same map `recipe_ratio` uses); tokens straddling the box's edge are why a
-    fully red cell scores below 1 and a red background around the inset above 0.
+    Each red token then counts with the fraction of its footprint inside the target box, moved as the
+    image was fitted for the model (`region_weights`, the same map `recipe_ratio` uses); tokens
+    straddling the box's edge are why a fully red cell scores below 1 and a red background around the
+    inset above 0.
     """
     red = red_patches(handle, image)
-    (layout,) = result.layouts
+    (layout_dict,) = record["layouts"]
+    fields = {k: v for k, v in layout_dict.items() if k != "fit_offset"}
+    layout = TokenLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     assert layout.leading_tokens == 0 and red.shape == (layout.num_tokens,)
-    values = result.image(0, "producing")
-    # The attention sits on exactly the red patches (token order = row-major patch order), evenly.
-    assert values[~red].sum() < 1e-9 * values.sum()
-    assert values[red].max() / values[red].min() < 1 + 1e-4
-    return float(red @ region_weights(layout, target_box(rec)) / red.sum())
+    assert tuple(layout_dict["fit_offset"]) == tuple(offset)
+    # The attention (as recorded, float16) sits on exactly the red patches (token order = row-major
+    # patch order), evenly: the lowercase candidate's rows all look at red.
+    values = decode_attention(record["candidates"][0]["attention"])
+    assert values[~red].sum() < 1e-6 * values.sum()
+    assert values[red].max() / values[red].min() < 1 + 1e-2
+    left, top, right, bottom = target_box(rec)
+    dx, dy = offset
+    return float(red @ region_weights(layout, (left + dx, top + dy, right + dx, bottom + dy)) / red.sum())
 
 
 def distractors(noise_image, n: int) -> list[Image.Image]:
@@ -249,7 +271,7 @@ def test_sequence_selection_follows_which_image_was_looked_at(steered, noise_ima
     images = distractors(noise_image, n)
     images[red_at] = solid(RED)
     rec, refs = recipe("sequence", images, target)
-    _, _, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
+    *_, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
     if red_at == target:
         assert min(ratios) > 1 - 1e-9
         assert verdicts == [NOT_HALLUCINATED] * 2
@@ -264,7 +286,7 @@ def test_candidates_of_one_prompt_get_their_own_verdicts(steered):
     """Uppercase tokens look at the blue distractor: each candidate's ratio is its share of red rows."""
     rec, refs = recipe("sequence", [solid(RED), solid(BLUE)], 0)
     texts = [TRUTH, "BLUE", "GREEN", TRUTH.upper(), "a blue square"]
-    _, _, ratios, verdicts, rejected = judge(steered, rec, refs, texts)
+    *_, ratios, verdicts, rejected = judge(steered, rec, refs, texts)
     # Rows P-1 .. P+T-2: the prompt's ':' and every candidate token but the last; red rows: ':' and the
     # lowercase tokens (the spaces of "A RED SQUARE" too): 12/12, 1/4, 1/5, 3/12, 13/13.
     expected = [1.0, 1 / 4, 1 / 5, 3 / 12, 1.0]
@@ -282,8 +304,8 @@ def test_grid_selection_follows_the_cell_that_was_looked_at(steered, noise_image
     images = distractors(noise_image, n)
     images[red_at] = solid(RED)
     rec, refs = recipe("grid", images, target)
-    (collage,), results, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
-    np.testing.assert_allclose(ratios, expected_region_ratio(steered, rec, collage, results[0]), atol=1e-6)
+    (collage,), (offset,), record, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
+    np.testing.assert_allclose(ratios, expected_region_ratio(steered, rec, collage, offset, record), atol=1e-6)
     if red_at == target:
         assert min(ratios) > 0.85  # red tokens over the cell's edge weigh their share inside it
         assert verdicts == [NOT_HALLUCINATED] * 2
@@ -300,8 +322,8 @@ def test_pic_in_pic_selection_follows_the_inset(steered, noise_image, red_inset)
     if not red_inset:
         background, inset = solid(RED), noise_image(*SIZE, 1)
     rec, refs = recipe("pic_in_pic", [background, inset], 1)
-    (canvas,), results, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
-    np.testing.assert_allclose(ratios, expected_region_ratio(steered, rec, canvas, results[0]), atol=1e-6)
+    (canvas,), (offset,), record, ratios, verdicts, rejected = judge(steered, rec, refs, LOWERCASE)
+    np.testing.assert_allclose(ratios, expected_region_ratio(steered, rec, canvas, offset, record), atol=1e-6)
     if red_inset:
         assert min(ratios) > 1 - 1e-9
         assert verdicts == [NOT_HALLUCINATED] * 2
