@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from redis import Redis
 
+from app import admission
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.downloads import BINARY as _BINARY
 from app.downloads import JSON_ERRORS as _JSON_ERRORS
@@ -30,8 +31,28 @@ PairSetId = Annotated[str, Path(min_length=1, max_length=64, description="The pa
 PairUid = Annotated[str, Path(max_length=64, pattern=r"^\d+-\d+$", description="A pair's uid (`{seed}-{index}`).")]
 
 
-def _start_pairset(redis: Redis, settings: Settings, owner: str, body: PairSetCreate) -> dict[str, Any]:
+def _admit(redis: Redis, settings: Settings, store: ArtifactStore, owner: str, body: PairSetCreate) -> None:
+    """What this deployment and the model allow, and the key's quotas (`app.admission`)."""
+    admission.check_prompts(settings, body.augmentation.num)
+    admission.check_endpoint(settings, body.generation.model_dump())
+    admission.check_model(settings, body.model, "model")
+    if body.train is not None:
+        admission.check_training(
+            settings,
+            body.train.model or body.model,
+            body.train.hyperparameters.model_dump(),
+            images=admission.max_images(body.augmentation.model_dump(mode="json")),
+            pairs=body.augmentation.num,  # at most one pair per prompt
+            param="train.hyperparameters",
+            model_param="train.model" if body.train.model else "model",
+        )
+    admission.check_running(redis, settings, records.PAIRSET, owner)
+    admission.check_storage(redis, settings, store, owner)
+
+
+def _start_pairset(redis: Redis, settings: Settings, store: ArtifactStore, owner: str, body: PairSetCreate) -> dict[str, Any]:
     """Check the dataset (yours, ready), record the pair set `queued`, and hand it to the pipeline hook."""
+    _admit(redis, settings, store, owner, body)
     try:
         dataset = records.get(redis, records.DATASET, body.dataset_id, owner)
     except NotFoundError as exc:
@@ -65,6 +86,7 @@ def create_pairset(
     key: CurrentKey,
     redis: RedisDep,
     settings: SettingsDep,
+    store: StoreDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
@@ -76,7 +98,7 @@ def create_pairset(
         key=idempotency_key,
         request_fingerprint=fingerprint("pairset", body.model_dump(mode="json")),
         response=response,
-        create=lambda: _start_pairset(redis, settings, key.owner, body),
+        create=lambda: _start_pairset(redis, settings, store, key.owner, body),
     )
 
 

@@ -121,7 +121,16 @@ def test_presets_fill_what_the_request_leaves_out(client: TestClient, pairset_id
         ({"checkpoint_every": 0}, "checkpoint_every", "greater_than_equal", ""),
         ({"preset": "mine"}, "preset", "literal_error", ""),
         ({"hyperparameters": {"effective_batch_size": 64, "gradient_accumulation_steps": 2}}, "hyperparameters", "value_error", "not both"),
-        ({"model": ""}, "model", "string_too_short", ""),
+        ({"model": ""}, "model", "string_pattern_mismatch", ""),
+        ({"model": "/etc/passwd"}, "model", "string_pattern_mismatch", ""),
+        ({"model": "etc"}, "model", "model_not_found", "not available here"),
+        # What the model's modules and images allow (its config on the meta device), and the steps quota.
+        ({"hyperparameters": {"lora_target": "matches.nothing"}}, "hyperparameters.lora_target", "lora_target_matches_nothing", "language_model"),
+        ({"hyperparameters": {"max_length": 1}}, "hyperparameters.max_length", "max_length_too_small", "at least"),
+        ({"hyperparameters": {"max_steps": 10**12}}, "hyperparameters.max_steps", "less_than_equal", ""),
+        ({"hyperparameters": {"max_steps": 10**6}}, "hyperparameters.max_steps", "too_many_steps", "at most 5000"),
+        ({"hyperparameters": {"num_epochs": 10**9}}, "hyperparameters.num_epochs", "less_than_equal", ""),
+        ({"hyperparameters": {"lora_r": 10**9}}, "hyperparameters.lora_r", "less_than_equal", ""),
         ({"pairset_id": None}, "pairset_id", "string_type", ""),
     ],
 )
