@@ -245,8 +245,13 @@ def decode_entries(entries: Any) -> list[Record]:
     return [decode_event(entry_id, fields) for entry_id, fields in entries or []]
 
 
+_LAST_ID = f"{2**64 - 1}-{2**64 - 1}"
+
+
 def read_events(r: Redis, resource_id: str, *, after: str | None = None, limit: int = 100) -> tuple[list[Record], bool]:
     """Events in the order they happened, after the event id `after`; and whether there are more."""
+    if after == _LAST_ID:
+        return [], False  # nothing can come after it (and Redis refuses the exclusive interval)
     start = f"({after}" if after else "-"
     events = decode_entries(r.xrange(events_key(resource_id), start, "+", count=limit + 1))
     return events[:limit], len(events) > limit
