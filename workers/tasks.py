@@ -33,7 +33,7 @@ from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from core import evaluations, jobs, records, trainings
+from core import evaluations, images, jobs, records, trainings
 from core.dataset import Sample, dataset_dir, read_samples
 from core.errors import FatalError, MiadpoError, NotFoundError, TransientError, UserError
 from core.exports import archive_path, export_dir, shard_path
@@ -108,10 +108,12 @@ def ingest_dataset(dataset_id: str) -> dict[str, Any]:
         _forget(r, dataset_id, lambda: records.set_dataset_failed(r, dataset_id, code=code, message=message))
         shutil.rmtree(store.path("uploads", dataset_id), ignore_errors=True)
         return {"status": "failed"}
+    images.acquire(r, store, dataset_id, images.dataset_refs(store, dataset_id))
     try:
         records.set_dataset_ready(r, dataset_id, manifest.to_dict(), max_problems=settings.max_problems_listed)
     except NotFoundError:
         # Deleted while we were ingesting: take back what we wrote.
+        images.release(r, store, dataset_id)
         shutil.rmtree(dataset_dir(store, dataset_id), ignore_errors=True)
         return {"status": "deleted"}
     # Only now: a retry after a failed record update still finds the upload.

@@ -4,6 +4,7 @@ here with pyarrow only (`core.exports`)."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
@@ -16,7 +17,7 @@ from app.downloads import JSON_ERRORS as _JSON_ERRORS
 from app.downloads import ArchiveResponse, archive_responses
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
-from app.schemas import ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
+from app.schemas import Deleted, ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
 from core import exports, jobs, records
 from core.errors import ConflictError, NotFoundError
 from core.settings import Settings
@@ -203,3 +204,19 @@ def download_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, st
     # Built on the first download and kept; the merge removes it when it writes a new export.
     path = exports.build_archive(export, exports.archive_path(store, pairset_id), root=pairset_id)
     return ArchiveResponse(path, media_type=ArchiveResponse.media_type, filename=f"{pairset_id}.tar.gz")
+
+
+@router.delete("/{pairset_id}", response_model=Deleted, responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+def delete_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, store: StoreDep) -> dict[str, Any]:
+    """Delete a finished pair set and its files: shards, export, archive (409 while it runs, or while an
+    unfinished training uses it: cancel first)."""
+    record = records.get(redis, records.PAIRSET, pairset_id, key.owner)
+    if record["status"] not in records.PAIRSET_TERMINAL:
+        raise ConflictError(f"pair set {pairset_id} is {record['status']}: cancel it first", code="pairset_running", param="id")
+    for training_id in records.ids_of(redis, records.TRAINING, key.owner):
+        training = records.find(redis, records.TRAINING, training_id)
+        if training and training["pairset_id"] == pairset_id and training["status"] not in records.TRAINING_TERMINAL:
+            raise ConflictError(f"training {training_id} is still using pair set {pairset_id}", code="pairset_in_use", param="id")
+    records.delete(redis, records.PAIRSET, record)
+    shutil.rmtree(exports.pairset_dir(store, pairset_id), ignore_errors=True)
+    return {"id": pairset_id, "object": "pairset", "deleted": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response, status
@@ -14,6 +15,7 @@ from app.downloads import ArchiveResponse, archive_responses
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
 from app.schemas import (
+    Deleted,
     ErrorResponse,
     EventList,
     Training,
@@ -194,3 +196,14 @@ def cancel_training(training_id: TrainingId, key: CurrentKey, redis: RedisDep) -
     record = records.request_training_cancel(redis, training_id, key.owner)
     jobs.stop_training(redis, training_id)
     return record
+
+
+@router.delete("/{training_id}", response_model=Deleted, responses=_CONFLICT)
+def delete_training(training_id: TrainingId, key: CurrentKey, redis: RedisDep, store: StoreDep) -> dict[str, Any]:
+    """Delete a finished training and its files: checkpoints, adapter, archives (409 while it runs: cancel first)."""
+    record = records.get(redis, records.TRAINING, training_id, key.owner)
+    if record["status"] not in records.TRAINING_TERMINAL:
+        raise ConflictError(f"training {training_id} is {record['status']}: cancel it first", code="training_running", param="id")
+    records.delete(redis, records.TRAINING, record)
+    shutil.rmtree(trainings.training_dir(store, training_id), ignore_errors=True)
+    return {"id": training_id, "object": "training", "deleted": True}

@@ -397,3 +397,21 @@ def test_a_pairsets_train_chains_one_training(client: TestClient, redis_client: 
     untrained = make_pairset(redis_client)
     with pytest.raises(UserError, match="asked for no training"):
         jobs.enqueue_training_for_pairset(redis_client, untrained, settings=settings)
+
+
+def test_delete_removes_a_finished_training_and_its_files(client: TestClient, redis_client: Redis, pairset_id: str, store: ArtifactStore) -> None:
+    training_id = create(client, {"pairset_id": pairset_id}).json()["id"]
+    folder = store.path("trainings", training_id, "output", "checkpoint-2")
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    r = client.delete(f"/v1/trainings/{training_id}", headers=AUTH_A)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "training_running"
+    # The pair set it trains on cannot go either, while it runs.
+    r = client.delete(f"/v1/pairsets/{pairset_id}", headers=AUTH_A)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pairset_in_use"
+    client.post(f"/v1/trainings/{training_id}/cancel", headers=AUTH_A)
+    assert client.delete(f"/v1/trainings/{training_id}", headers=AUTH_B).status_code == 404
+    assert client.delete(f"/v1/trainings/{training_id}", headers=AUTH_A).json() == {"id": training_id, "object": "training", "deleted": True}
+    assert not store.path("trainings", training_id).exists()
+    assert client.get(f"/v1/trainings/{training_id}", headers=AUTH_A).status_code == 404
+    assert client.delete(f"/v1/pairsets/{pairset_id}", headers=AUTH_A).status_code == 200

@@ -9,6 +9,7 @@ One module-wide stack; the raw-socket tests speak HTTP/1.1 by hand, as a hostile
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -323,3 +324,45 @@ def test_two_keys_share_the_gpu_worker_fairly_and_quotas_hold(stack: Stack) -> N
     # been picked in the instant between the two.
     assert b_shard.started_at <= after[min(1, len(after) - 1)], (b_shard.enqueued_at, b_shard.started_at, a_started)
     assert stack.client.post(f"/v1/pairsets/{large}/cancel", headers=A).status_code in (200, 409)  # done with it
+
+
+def _refs(stack: Stack, dataset_id: str) -> set[str]:
+    lines = (stack.data_dir / "datasets" / dataset_id / "samples.jsonl").read_text().splitlines()
+    return {json.loads(line)["image"] for line in lines if line.strip()}
+
+
+def _image(stack: Stack, ref: str) -> Path:
+    return stack.data_dir / "images" / ref[:2] / ref[2:4] / ref
+
+
+def test_delete_removes_files_and_images_are_counted(stack: Stack, tmp_path: Path) -> None:
+    write_sample_data(tmp_path / "other", num_samples=6, seed=11)
+    archive = zip_folder(tmp_path / "other")
+    ids = []
+    for _ in range(2):  # two datasets of the same images
+        r = stack.client.post("/v1/datasets", headers=B, files={"file": ("other.zip", archive)})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    for dataset_id in ids:
+        wait_for(lambda: stack.client.get(f"/v1/datasets/{dataset_id}", headers=B).json()["status"] == "ready", 60, "ingest")  # noqa: B023
+    refs = _refs(stack, ids[0])
+    shared = set().union(*(_refs(stack, d) for d in stack.datasets.values()))  # used by the stack's datasets too
+    assert refs - shared and all(_image(stack, ref).is_file() for ref in refs)
+    # A pair set on the first dataset, finished, then deleted with its files.
+    r = stack.client.post("/v1/pairsets", headers=B, json={"dataset_id": ids[0], **SMALL, "augmentation": {"num": 2}})
+    assert r.status_code == 201, r.text
+    pairset_id = r.json()["id"]
+    _error(stack.client.delete(f"/v1/pairsets/{pairset_id}", headers=B), 409, code="pairset_running")
+    wait_for(lambda: stack.client.get(f"/v1/pairsets/{pairset_id}", headers=B).json()["status"] in TERMINAL, 120, "the pair set")
+    assert (stack.data_dir / "pairsets" / pairset_id).is_dir()
+    _error(stack.client.delete(f"/v1/pairsets/{pairset_id}", headers=A), 404)  # another key's: not found
+    assert stack.client.delete(f"/v1/pairsets/{pairset_id}", headers=B).json() == {"id": pairset_id, "object": "pairset", "deleted": True}
+    assert not (stack.data_dir / "pairsets" / pairset_id).exists()
+    _error(stack.client.get(f"/v1/pairsets/{pairset_id}", headers=B), 404)
+    # The first dataset goes: its images stay, the second uses them; with the second, they go.
+    assert stack.client.delete(f"/v1/datasets/{ids[0]}", headers=B).status_code == 200
+    assert not (stack.data_dir / "datasets" / ids[0]).exists()
+    assert all(_image(stack, ref).is_file() for ref in refs)
+    assert stack.client.delete(f"/v1/datasets/{ids[1]}", headers=B).status_code == 200
+    assert not any(_image(stack, ref).exists() for ref in refs - shared)
+    assert all(_image(stack, ref).is_file() for ref in refs & shared)
