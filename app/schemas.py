@@ -435,8 +435,13 @@ class Pair(BaseModel):
     uid: str = Field(description="The pair's id, `{seed}-{index}`; use it as `after` for the next page.")
     source_id: str = Field(description="Id of the dataset sample the question and chosen answer come from.")
     format: Literal["sequence", "grid", "pic_in_pic"]
-    n_images: int
-    target_index: int = Field(description="0-based position of the image the question is about (`In Image{target_index + 1}`).")
+    n_images: int = Field(description="Images the model sees: sequence: 2-5 separate images; grid and pic_in_pic: 1 (the collage).")
+    target_index: int = Field(
+        description="Which source image the question is about, 0-based. sequence: its position among the images "
+        "(`In Image{target_index + 1}`); grid: its cell in the collage, row-major (the cell labelled "
+        "`Image{target_index + 1}`), so it may exceed n_images - 1; pic_in_pic: always 1, the inset in the centre "
+        "(0 is the background)."
+    )
     prompt: str = Field(description="The user turn, `<image>` where each image goes.")
     chosen: str = Field(description="The ground-truth answer.")
     rejected: str = Field(description="The model's answer that attended to the wrong image.")
