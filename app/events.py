@@ -7,6 +7,7 @@ caller's and hands over to `events_response`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,11 +15,15 @@ from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from redis import Redis
+from redis.exceptions import RedisError
 
 from app.schemas import ErrorResponse
 from core import records
+
+log = logging.getLogger(__name__)
 
 _SSE_BLOCK_MS = 1000
 _SSE_BATCH = 100
@@ -50,6 +55,11 @@ def _events_query(
     after: Annotated[str | None, Query(max_length=64, pattern=r"^\d+-\d+$", description="Cursor: an event id.")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, pattern=r"^\d+-\d+$")] = None,
 ) -> EventsQuery:
+    for where, value in (("Last-Event-ID", last_event_id), ("after", after)):
+        if value is not None and any(int(part) >= 2**64 for part in value.split("-")):
+            # Redis stream ids are two 64-bit numbers; past that Redis answers an error, not an empty page.
+            loc = ("header", where) if where == "Last-Event-ID" else ("query", where)
+            raise RequestValidationError([{"type": "event_id_out_of_range", "loc": loc, "msg": "not an event id (each part must be below 2^64)"}])
     return EventsQuery(limit=limit, after=last_event_id or after)
 
 
@@ -107,5 +117,11 @@ async def _stream_events(redis_url: str, kind: str, resource_id: str, after: str
             elif time.monotonic() - quiet_since >= _SSE_KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
+    except RedisError as exc:
+        # The response has started: no status to change, so the stream ends with an error event the client
+        # can act on (reconnect with Last-Event-ID), not with an exception in the server.
+        log.warning("event stream of %s %s ended: %r", kind, resource_id, exc)
+        error = {"code": "redis_unavailable", "message": "job state is unreachable for the moment; reconnect with Last-Event-ID"}
+        yield f"event: error\ndata: {json.dumps(error)}\n\n"
     finally:
         await client.aclose()

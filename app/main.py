@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from redis import Redis
 
 from app.errors import install_error_handlers
+from app.guard import RequestGuard
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install as install_openapi
 from app.routes import datasets, evaluations, health, pairsets, trainings
+from app.uploads import sweep_incoming
 from core import records
 from core.settings import Settings, get_settings
 from core.store import ArtifactStore
@@ -54,7 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("MIADPO_API_KEYS is empty: every /v1 call will be refused with 401")
 
     install_error_handlers(app)
+    # The guard inside the metrics: its refusals (401, 413 before the body) are counted too.
+    app.add_middleware(RequestGuard, settings=settings, owners=app.state.owners)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    sweep_incoming(app.state.store)
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(pairsets.router)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -46,14 +47,39 @@ def _body_errors(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+def _links(document: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI links from each create call (`POST /v1/x`, 201) to the calls on what it made (`/v1/x/{id}...`
+    with only that id in the path), the id taken from the response body: clients and stateful fuzzers
+    (schemathesis) follow them from a new resource to its reads, events, cancel and delete."""
+    paths = document.get("paths", {})
+    for collection, item in paths.items():
+        created = (item.get("post") or {}).get("responses", {}).get("201")
+        if created is None or not re.fullmatch(r"/v1/[a-z]+", collection):
+            continue
+        links: dict[str, Any] = {}
+        for path, target in paths.items():
+            match = re.fullmatch(re.escape(collection) + r"/\{(\w+)\}(/[a-z_]+)*", path)
+            if not match:
+                continue
+            for method, operation in target.items():
+                if method in ("get", "post", "delete") and isinstance(operation, dict) and "operationId" in operation:
+                    links[operation["operationId"]] = {
+                        "operationId": operation["operationId"],
+                        "parameters": {match.group(1): "$response.body#/id"},
+                    }
+        if links:
+            created["links"] = links
+    return document
+
+
 def install(app: FastAPI) -> None:
-    """Serve the app's OpenAPI document with optional parameters as plain schemas and the 400 of body
-    parsing documented (built once, cached)."""
+    """Serve the app's OpenAPI document with optional parameters as plain schemas, the 400 of body parsing
+    documented and links from create calls to their resource's calls (built once, cached)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _body_errors(_without_null_parameters(build()))
+            app.openapi_schema = _links(_body_errors(_without_null_parameters(build())))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -16,6 +16,12 @@ from trainer.config import LR_SCHEDULERS, TrainHyperparameters
 # Shared
 
 
+# A model as a tenant names it: a built-in name, a folder name under the operator's MIADPO_MODELS_DIR, or a
+# hub id (`org/name`) already in the server's cache; never a path (workers.models.resolve_model).
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
+_MODEL_HELP = "A built-in model (tiny-llava, ...), a model of the operator's MIADPO_MODELS_DIR, or a hub id already in the server's cache."
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -132,23 +138,23 @@ class TrainingHyperparameters(_Request):
     dpo_weight: float = _hp("dpo_weight", ge=0, allow_inf_nan=False)
     nll_weight: float = _hp("nll_weight", ge=0, allow_inf_nan=False)
     learning_rate: float = _hp("learning_rate", gt=0, le=1)
-    num_epochs: int = _hp("num_epochs", ge=1)
-    per_device_batch_size: int = _hp("per_device_batch_size", ge=1)
-    gradient_accumulation_steps: int = _hp("gradient_accumulation_steps", ge=1)
-    effective_batch_size: int | None = _hp("effective_batch_size", ge=1)
+    num_epochs: int = _hp("num_epochs", ge=1, le=1000)
+    per_device_batch_size: int = _hp("per_device_batch_size", ge=1, le=4096)
+    gradient_accumulation_steps: int = _hp("gradient_accumulation_steps", ge=1, le=4096)
+    effective_batch_size: int | None = _hp("effective_batch_size", ge=1, le=65536)
     warmup_ratio: float = _hp("warmup_ratio", ge=0, lt=1)
     lr_scheduler: str = _hp("lr_scheduler", json_schema_extra={"enum": list(LR_SCHEDULERS)})
     weight_decay: float = _hp("weight_decay", ge=0, allow_inf_nan=False)
     max_grad_norm: float = _hp("max_grad_norm", ge=0, allow_inf_nan=False)
-    lora_r: int = _hp("lora_r", ge=1)
-    lora_alpha: int = _hp("lora_alpha", ge=1)
+    lora_r: int = _hp("lora_r", ge=1, le=1024)
+    lora_alpha: int = _hp("lora_alpha", ge=1, le=65536)
     lora_dropout: float = _hp("lora_dropout", ge=0, lt=1)
     lora_target: str = _hp("lora_target", min_length=1, max_length=2000)
-    max_length: int | None = _hp("max_length", ge=1)
+    max_length: int | None = _hp("max_length", ge=1, le=131072)
     seed: int = _hp("seed", ge=0, le=2**32 - 1)
-    max_steps: int | None = _hp("max_steps", ge=1)
+    max_steps: int | None = _hp("max_steps", ge=1, le=10_000_000)
     gradient_checkpointing: bool = _hp("gradient_checkpointing")
-    logging_steps: int = _hp("logging_steps", ge=1)
+    logging_steps: int = _hp("logging_steps", ge=1, le=1_000_000)
 
     @field_validator("*")
     @classmethod
@@ -192,7 +198,7 @@ class TrainingSpec(_Request):
     """What to train on a pair set: the `train` of a pair set, and the body of a training besides `pairset_id`."""
 
     model: str | None = Field(
-        None, min_length=1, max_length=512, description="The model to adapt; default: the pair set's model."
+        None, max_length=193, pattern=MODEL_PATTERN, description="The model to adapt; default: the pair set's model. " + _MODEL_HELP
     )
     preset: Literal["paper", "official_code"] = Field(
         "paper",
@@ -278,11 +284,12 @@ class Generation(_Request):
         description="hf (in-process), vllm, or an OpenAI-compatible server; default: the deployment's "
         "(MIADPO_GENERATION_BACKEND of the gpu workers), written here when the first shard runs.",
     )
-    base_url: str | None = Field(
+    endpoint: str | None = Field(
         None,
-        max_length=2048,
-        pattern=r"^https?://",
-        description="The OpenAI-compatible server (backend openai); default: the deployment's (MIADPO_OPENAI_BASE_URL).",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The OpenAI-compatible server (backend openai), by the name the operator gave it "
+        "(MIADPO_GENERATION_ENDPOINTS); default: the deployment's (MIADPO_GENERATION_ENDPOINT).",
     )
     noise: dict[AugmentFormat, Noise] = Field(
         default_factory=dict,
@@ -294,8 +301,8 @@ class Generation(_Request):
     def _check(self) -> Generation:
         if self.num_candidates > 1 and self.temperature == 0:
             raise ValueError("num_candidates > 1 needs temperature > 0 (greedy gives identical candidates)")
-        if self.base_url is not None and self.backend != "openai":
-            raise ValueError("base_url is only used by the openai backend")
+        if self.endpoint is not None and self.backend != "openai":
+            raise ValueError("endpoint is only used by the openai backend")
         return self
 
 
@@ -351,7 +358,7 @@ class PairSetCreate(_Request):
         "thresholds, comparisons, attention rows, noise, perplexity gate, post-selection filters. Fields set "
         "explicitly win over the preset; the stored config holds every effective value.",
     )
-    model: str = Field("tiny-llava", min_length=1, max_length=512, description="HF model id, local path, or a built-in tiny model.")
+    model: str = Field("tiny-llava", max_length=193, pattern=MODEL_PATTERN, description=_MODEL_HELP)
     augmentation: Augmentation = Field(default_factory=Augmentation)
     generation: Generation = Field(default_factory=Generation)
     selection: Selection = Field(default_factory=Selection)
@@ -428,8 +435,13 @@ class Pair(BaseModel):
     uid: str = Field(description="The pair's id, `{seed}-{index}`; use it as `after` for the next page.")
     source_id: str = Field(description="Id of the dataset sample the question and chosen answer come from.")
     format: Literal["sequence", "grid", "pic_in_pic"]
-    n_images: int
-    target_index: int = Field(description="0-based position of the image the question is about (`In Image{target_index + 1}`).")
+    n_images: int = Field(description="Images the model sees: sequence: 2-5 separate images; grid and pic_in_pic: 1 (the collage).")
+    target_index: int = Field(
+        description="Which source image the question is about, 0-based. sequence: its position among the images "
+        "(`In Image{target_index + 1}`); grid: its cell in the collage, row-major (the cell labelled "
+        "`Image{target_index + 1}`), so it may exceed n_images - 1; pic_in_pic: always 1, the inset in the centre "
+        "(0 is the background)."
+    )
     prompt: str = Field(description="The user turn, `<image>` where each image goes.")
     chosen: str = Field(description="The ground-truth answer.")
     rejected: str = Field(description="The model's answer that attended to the wrong image.")
@@ -529,9 +541,8 @@ class TrainingCheckpointList(BaseModel):
 
 class EvaluationCreate(EvaluationSpec):
     model: str = Field(
-        "tiny-llava", min_length=1, max_length=512,
-        description="The model to evaluate (HF model id, local path, or a built-in model); with `training_id`, "
-        "default: that training's model.",
+        "tiny-llava", max_length=193, pattern=MODEL_PATTERN,
+        description="The model to evaluate; with `training_id`, default: that training's model. " + _MODEL_HELP,
     )  # fmt: skip
     training_id: str | None = Field(
         None, min_length=1, max_length=64, description="Evaluate this succeeded training's adapter (merged into the model)."

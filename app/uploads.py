@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated
@@ -26,7 +28,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from app.deps import CurrentKey, SettingsDep, StoreDep
 from app.errors import RequestTooLargeError
 from core.errors import UserError
+from core.settings import Settings
 from core.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
 INCOMING = ("uploads", ".incoming")
@@ -157,11 +162,41 @@ class _Receiver:
         return data
 
 
-async def receive_upload(request: Request, key: CurrentKey, settings: SettingsDep, store: StoreDep) -> Upload:
+async def receive_upload(request: Request, key: CurrentKey, settings: SettingsDep, store: StoreDep) -> AsyncIterator[Upload]:
     """Stream a multipart/form-data body into the store; the `file` part is required.
 
-    Depends on `CurrentKey` so that nobody without a key gets to write a byte to disk.
+    Depends on `CurrentKey` so that nobody without a key gets to write a byte to disk. A dependency with
+    `yield`: whatever happens after the body was received (a header refused by validation, an error in
+    the route, a replayed idempotent request), a file still in `.incoming` is removed on the way out.
     """
+    upload = await _receive(request, settings, store)
+    incoming = store.path(*INCOMING)
+    try:
+        yield upload
+    finally:
+        if upload.path is not None and upload.path.parent == incoming:
+            upload.discard()
+
+
+def sweep_incoming(store: ArtifactStore, older_than_s: float = 3600) -> int:
+    """Remove what a crashed API process left in `uploads/.incoming` (files untouched for `older_than_s`,
+    so that another API process's upload in progress stays); the count removed."""
+    folder = store.path(*INCOMING)
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    if removed:
+        log.warning("removed %d abandoned upload(s) from %s", removed, folder)
+    return removed
+
+
+async def _receive(request: Request, settings: Settings, store: ArtifactStore) -> Upload:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise UserError("send the dataset as multipart/form-data with a `file` part", code="multipart_required", param=FILE_FIELD)

@@ -124,7 +124,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "batch_size": args.batch_size,
         "backend": args.backend,
-        "base_url": args.base_url,
+        "endpoint": args.endpoint,
     }
     if args.noise_std is not None:
         generation["noise"] = {f: {"std": args.noise_std} for f in _csv(args.noise_formats)}
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-rows", default=None, help="answer_tokens or producing (default: the preset's).")
     p.add_argument("--tukey-k", type=float, default=None, help="Post-selection fence width (default 1.5).")
     p.add_argument("--backend", default="hf", help="hf, vllm or openai.")
-    p.add_argument("--base-url", default=None, help="openai backend: server URL ending in /v1.")
+    p.add_argument("--endpoint", default=None, help="openai backend: a server named in MIADPO_GENERATION_ENDPOINTS.")
     p.add_argument("--shard-size", type=int, default=200)
     p.add_argument("--noise-std", type=float, default=None, help="Gaussian noise (std, 0..255) on the target region the model sees (default: the preset's).")
     p.add_argument("--noise-formats", default="grid,pic_in_pic", help="Comma list of formats that get the noise.")

@@ -66,7 +66,7 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from core.errors import FatalError
-from core.jobs import CPU, GPU, QUEUES, REDIS_DOWN, TRAIN, get_queue
+from core.jobs import CPU, GPU, QUEUES, REDIS_DOWN, TRAIN, get_queue, key_queue_names
 from core.process import die_with_parent, free_port
 from core.settings import Settings
 
@@ -301,7 +301,49 @@ class HeartbeatThreadWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
 
-class MiadpoSimpleWorker(RideOutRedisOutages, FastRecoveryMixin, HeartbeatThreadWorker):
+class FairQueuesMixin:
+    """Serve the `--queues` given plus, with `gpu`, every key's gpu queue (`core.jobs.key_queue_name`), round
+    robin: after a job from one queue, the next is taken from the queue after it, so each key with shards
+    waiting gets one shard in turn, whatever another key has queued. The list of keys' queues is read again
+    before each dequeue, and an idle worker looks again every `fair_poll_s`."""
+
+    fair_poll_s = 2
+    _base_queue_names: tuple[str, ...] = ()
+    _last_served: str | None = None
+
+    def _refresh_queues(self) -> None:
+        names = list(self._base_queue_names)
+        if GPU in names:
+            names += [n for n in key_queue_names(self.connection) if n not in names]  # type: ignore[attr-defined]
+        if self._last_served in names:
+            at = names.index(self._last_served) + 1
+            names = names[at:] + names[:at]
+        queues = [get_queue(self.connection, n) for n in names]  # type: ignore[attr-defined]
+        self.queues = queues  # type: ignore[assignment]
+        self._ordered_queues = queues[:]  # type: ignore[assignment]
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        if not self._base_queue_names:
+            self._base_queue_names = tuple(q.name for q in self.queues)  # type: ignore[attr-defined]
+        started = time.monotonic()
+        while True:
+            self._refresh_queues()
+            if timeout is None:  # burst: one look, no waiting
+                result = super().dequeue_job_and_maintain_ttl(None, max_idle_time)  # type: ignore[misc]
+            else:
+                # Wait at most fair_poll_s at a time, so that a key's new queue is seen while idle.
+                wait = self.fair_poll_s if max_idle_time is None else max(1, min(self.fair_poll_s, max_idle_time - int(time.monotonic() - started)))
+                result = super().dequeue_job_and_maintain_ttl(wait, wait)  # type: ignore[misc]
+            if result is not None:
+                self._last_served = result[1].name
+                return result
+            if timeout is None or (max_idle_time is not None and time.monotonic() - started >= max_idle_time):
+                return None
+            if getattr(self, "_stop_requested", False):
+                return None
+
+
+class MiadpoSimpleWorker(RideOutRedisOutages, FastRecoveryMixin, FairQueuesMixin, HeartbeatThreadWorker):
     """RQ's non-forking worker with the same timings: jobs run in this process, so what they cache (a
     loaded model) outlives them."""
 

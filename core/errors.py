@@ -32,6 +32,19 @@ class UserError(MiadpoError):
     type = "invalid_request_error"
 
 
+class InvalidValueError(UserError):
+    """A value the schema allows but this deployment or this model does not (422, like schema errors)."""
+
+    status_code = 422
+
+
+class QuotaError(UserError):
+    """The key holds as much as the operator lets one key hold (running jobs, storage)."""
+
+    status_code = 429
+    type = "quota_error"
+
+
 class NotFoundError(UserError):
     """No such resource (or it belongs to another key)."""
 

@@ -26,6 +26,11 @@ from core.settings import Settings
 
 CPU, GPU, TRAIN = "cpu", "gpu", "train"
 QUEUES = (CPU, GPU, TRAIN)
+# Fair scheduling between keys (DESIGN 7): the shards of a key's pair sets and evaluations go to that key's
+# own gpu queue, `gpu.{owner[:16]}`, listed in this set; gpu workers serve `gpu` and every such queue round
+# robin (`cli.services.FairQueuesMixin`), so a key's small pair set does not wait behind another's large one.
+KEY_QUEUE_PREFIX = f"{GPU}."
+KEY_QUEUES = "miadpo:gpu-key-queues"
 # What a Redis that is down, restarting or cut off raises (after redis-py's own few quick retries).
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -36,9 +41,19 @@ _FAILURE_TTL_S = 7 * 24 * 3600
 _REGISTRIES = ("started", "scheduled", "deferred", "finished", "failed", "canceled")
 
 
+def key_queue_name(owner: str) -> str:
+    """The gpu queue of one key's shards."""
+    return f"{KEY_QUEUE_PREFIX}{owner[:16]}"
+
+
+def key_queue_names(connection: Redis) -> list[str]:
+    """Every per-key gpu queue a shard was ever enqueued on (one per key: the set stays small), sorted."""
+    return sorted(n.decode() if isinstance(n, bytes) else n for n in connection.smembers(KEY_QUEUES))
+
+
 def get_queue(connection: Redis, name: str) -> Queue:
-    """One of the project's queues."""
-    if name not in QUEUES:
+    """One of the project's queues (or a key's gpu queue)."""
+    if name not in QUEUES and not name.startswith(KEY_QUEUE_PREFIX):
         raise ValueError(f"queue must be one of {', '.join(QUEUES)}, got {name!r}")
     return Queue(name, connection=connection)
 
@@ -177,19 +192,25 @@ def _enqueue_shards(
     timeout: int,
     settings: Settings,
 ) -> list[Job]:
-    """A sharded job's graph (pair sets, evaluations): one `shard_func(id, i)` job per shard on the gpu queue,
-    then `merge_func(id)` on the cpu queue once every shard has succeeded.
+    """A sharded job's graph (pair sets, evaluations): one `shard_func(id, i)` job per shard on the owner's
+    gpu queue (`key_queue_name`), then `merge_func(id)` on the cpu queue once every shard has succeeded.
 
     A shard that fails for good never lets the merge run (`allow_failure=False`): the merge would wait
     in RQ's deferred registry for ever, so the shard's failure callback fails the resource and stops
     the merge. Returns the shard jobs and the merge job, in that order.
     """
     resource = (kind, resource_id)
+    record = records.find(connection, kind, resource_id)
+    queue = key_queue_name(record["owner"]) if record and record.get("owner") else GPU
+    if queue != GPU:
+        # Listed before the first shard is pushed: a worker that refreshes its queues between the two would
+        # otherwise not see the queue until its next refresh (bounded, but a shard's time later).
+        connection.sadd(KEY_QUEUES, queue)
     shards = [
         _enqueue_once(
             connection,
             settings,
-            GPU,
+            queue,
             shard_func,
             resource_id,
             i,
@@ -403,12 +424,14 @@ def stop_training(connection: Redis, training_id: str) -> None:
 
 
 def queue_stats(connection: Redis) -> dict[str, dict[str, int]]:
-    """Jobs per queue and state: queued plus the RQ registries, read without running their cleanup."""
+    """Jobs per queue and state: queued plus the RQ registries, read without running their cleanup (the keys'
+    gpu queues added up under `gpu`)."""
     stats: dict[str, dict[str, int]] = {}
-    for name in QUEUES:
+    for name in (*QUEUES, *key_queue_names(connection)):
         q = get_queue(connection, name)
         row = {"queued": q.count}
         for reg in _REGISTRIES:
             row[reg] = getattr(q, f"{reg}_job_registry").get_job_count(cleanup=False)
-        stats[name] = row
+        shown = GPU if name.startswith(KEY_QUEUE_PREFIX) else name  # the keys' queues count as gpu
+        stats[shown] = {k: stats.get(shown, {}).get(k, 0) + v for k, v in row.items()}
     return stats

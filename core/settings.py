@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A generation endpoint's name, as the operator defines it and a request names it.
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class Settings(BaseSettings):
@@ -76,10 +81,36 @@ class Settings(BaseSettings):
     generation_backend: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="Default generation backend of pair sets: hf, vllm or openai."
     )
-    openai_base_url: str | None = Field(
-        None, description="OpenAI-compatible server (e.g. `vllm serve`) for the openai backend, ending in /v1."
+    # What tenants may reach: they name an endpoint or a model, never a URL or a path (DESIGN 7).
+    generation_endpoints: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="OpenAI-compatible servers (e.g. `vllm serve`) a pair set may name in `generation.endpoint`: "
+        "`name=url,name2=url2` (each URL ending in /v1) or a JSON object.",
     )
-    openai_api_key: str | None = Field(None, description="Bearer key for that server, if it wants one.")
+    generation_endpoint: str | None = Field(
+        None, description="The endpoint (a name of generation_endpoints) of a pair set that names none (backend openai)."
+    )
+    openai_api_key: str | None = Field(None, description="Bearer key for those servers, if they want one.")
+    models_dir: Path | None = Field(
+        None,
+        description="Folder of the operator's models: a pair set may name `model: \"x\"` for `{models_dir}/x`. "
+        "Besides those, only built-in names and hub ids already in the local Hugging Face cache are accepted.",
+    )
+    # Per-key quotas: what one key may hold of a shared (single-GPU) host at once. 0 = no limit.
+    max_running_pairsets_per_key: int = Field(2, ge=0, description="Unfinished pair sets one key may have (queued or running).")
+    max_running_trainings_per_key: int = Field(1, ge=0, description="Unfinished trainings one key may have (queued or running).")
+    max_prompts_per_pairset: int = Field(20_000, ge=0, description="Most augmented prompts (`augmentation.num`) of one pair set.")
+    max_steps_per_training: int = Field(
+        5_000, ge=0, description="Most optimizer steps of one training (max_steps, or epochs x pairs / batch): how long one key holds a trainer."
+    )
+    max_storage_bytes_per_key: int = Field(
+        50 * 1024**3, ge=0, description="Most bytes of datasets, uploads, pair sets and trainings one key may keep in the store."
+    )
+    # Request limits in front of the app (app.guard): what a request may cost before it is refused.
+    max_json_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest JSON (non-upload) request body (bytes).")
+    body_idle_timeout_s: float = Field(
+        30.0, gt=0, description="A request body that sends nothing for this long is dropped (408): slow or short bodies."
+    )
     device: str | None = Field(None, description="Torch device of workers and trainer (default: cuda if present, else cpu).")
     train_processes: int | Literal["auto"] = Field(
         "auto",
@@ -108,7 +139,37 @@ class Settings(BaseSettings):
             return [k for k in keys if k and not k.startswith("#")]
         return [k.strip() for k in text.split(",") if k.strip()]
 
-    @field_validator("accelerate_config", mode="before")
+    @field_validator("generation_endpoints", mode="before")
+    @classmethod
+    def _read_endpoints(cls, value: object) -> object:
+        """`name=url,name2=url2` or a JSON object."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"generation_endpoints: expected name=url,name2=url2, got {value!r}")
+        return {name.strip(): url.strip() for name, url in pairs}
+
+    @field_validator("generation_endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            if not ENDPOINT_NAME.fullmatch(name):
+                raise ValueError(f"generation endpoint name {name!r} must match {ENDPOINT_NAME.pattern}")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"generation endpoint {name!r} must be an http(s) URL, got {url!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_default_endpoint(self) -> Settings:
+        if self.generation_endpoint is not None and self.generation_endpoint not in self.generation_endpoints:
+            raise ValueError(f"generation_endpoint {self.generation_endpoint!r} is not one of generation_endpoints")
+        return self
+
+    @field_validator("accelerate_config", "models_dir", mode="before")
     @classmethod
     def _no_config(cls, value: object) -> object:
         return None if value == "" else value  # docker-compose passes an unset variable as ""

@@ -21,6 +21,7 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 
+from core.errors import UserError
 from core.settings import Settings
 from trainer.callbacks import CheckpointCallback
 from trainer.checkpoints import (
@@ -115,14 +116,23 @@ def run_training(
     dataset = load_pairs(export_dir, cache_dir=output_dir / ".datasets-cache")
     # bf16 weights on GPU (bf16 autocast on top), fp32 on CPU: load_model's defaults for the device.
     handle = load_model(model, settings, device=args.device)
-    trainer = DPOTrainer(
-        model=handle.model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=handle.processor,
-        peft_config=lora,
-        callbacks=[CheckpointCallback(), *callbacks],
-    )
+    try:
+        trainer = DPOTrainer(
+            model=handle.model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=handle.processor,
+            peft_config=lora,
+            callbacks=[CheckpointCallback(), *callbacks],
+        )
+    except ValueError as exc:
+        # The API checks the target against the model's modules; a model that changed since is the user's to fix too.
+        if "target" in str(exc).lower() and "module" in str(exc).lower():
+            raise UserError(
+                f"lora_target {hp.lora_target!r} matches no module of {model}", code="lora_target_matches_nothing",
+                param="hyperparameters.lora_target",
+            ) from None
+        raise
     trainer.remove_callback(PrinterCallback)  # progress goes through the callbacks, not stdout
     output = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
     state = trainer.state

@@ -87,7 +87,9 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
 class PipelineConfig:
     """Everything that decides a pair set's content; the same config and seed give the same pairs."""
 
-    model: str = field(default="tiny-llava", metadata={"help": "Built-in tiny model, local path or cached hub id."})
+    model: str = field(
+        default="tiny-llava", metadata={"help": "Built-in model, folder name under MIADPO_MODELS_DIR or cached hub id."}
+    )
     num: int = field(default=100, metadata={"help": "Augmented prompts to make."})
     formats: tuple[str, ...] = field(default=FORMATS, metadata={"help": "Formats to draw from."})
     mix: AugmentMix = field(default_factory=AugmentMix, metadata={"help": "Format and image-count proportions."})
@@ -98,6 +100,7 @@ class PipelineConfig:
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "LM layers for attention (default: middle)."})
     backend: str = field(default="hf", metadata={"help": "hf | vllm | openai."})
     base_url: str | None = field(default=None, metadata={"help": "openai backend: the server's /v1 URL."})
+    endpoint: str | None = field(default=None, metadata={"help": "openai backend: the server's name, as messages show it."})
     shard_size: int = field(default=200, metadata={"help": "Prompts per shard job."})
     noise: Mapping[str, NoiseSpec] = field(
         default_factory=dict,
@@ -515,7 +518,9 @@ def make_backend(config: PipelineConfig, handle: Any, *, api_key: str | None = N
     if config.backend == "openai":
         from workers.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(base_url=config.base_url or "", model=config.model, api_key=api_key, reader=handle.answer_reader())
+        return OpenAIBackend(
+            base_url=config.base_url or "", model=config.model, api_key=api_key, reader=handle.answer_reader(), name=config.endpoint
+        )
     from workers.backends.vllm import VLLMBackend
     from workers.models import resolve_model
 

@@ -33,7 +33,7 @@ from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from core import evaluations, jobs, records, trainings
+from core import evaluations, images, jobs, records, trainings
 from core.dataset import Sample, dataset_dir, read_samples
 from core.errors import FatalError, MiadpoError, NotFoundError, TransientError, UserError
 from core.exports import archive_path, export_dir, shard_path
@@ -108,10 +108,12 @@ def ingest_dataset(dataset_id: str) -> dict[str, Any]:
         _forget(r, dataset_id, lambda: records.set_dataset_failed(r, dataset_id, code=code, message=message))
         shutil.rmtree(store.path("uploads", dataset_id), ignore_errors=True)
         return {"status": "failed"}
+    images.acquire(r, store, dataset_id, images.dataset_refs(store, dataset_id))
     try:
         records.set_dataset_ready(r, dataset_id, manifest.to_dict(), max_problems=settings.max_problems_listed)
     except NotFoundError:
         # Deleted while we were ingesting: take back what we wrote.
+        images.release(r, store, dataset_id)
         shutil.rmtree(dataset_dir(store, dataset_id), ignore_errors=True)
         return {"status": "deleted"}
     # Only now: a retry after a failed record update still finds the upload.
@@ -131,15 +133,27 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
     """The pipeline configuration of a pair-set request (the `PairSetCreate` stored in the record): the one
     mapping from the API's schema to the stages' configs.
 
-    A request that names no generation backend (or no server for `openai`) gets this worker's deployment
-    defaults (`MIADPO_GENERATION_BACKEND`, `MIADPO_OPENAI_BASE_URL`).
+    A request that names no generation backend (or no endpoint for `openai`) gets this worker's deployment
+    defaults (`MIADPO_GENERATION_BACKEND`, `MIADPO_GENERATION_ENDPOINT`); an endpoint is a name the operator
+    gave a server (`MIADPO_GENERATION_ENDPOINTS`), never a URL from the request.
 
     Raises:
         UserError: the stages refuse the combination (code `invalid_config`).
     """
     aug, gen, sel, post = (request[k] for k in ("augmentation", "generation", "selection", "post_selection"))
     backend = gen.get("backend") or settings.generation_backend
-    base_url = gen.get("base_url") or (settings.openai_base_url if backend == "openai" else None)
+    endpoint = gen.get("endpoint") or (settings.generation_endpoint if backend == "openai" else None)
+    if endpoint is not None and endpoint not in settings.generation_endpoints:
+        raise UserError(
+            f"generation endpoint {endpoint!r} is not configured here", code="unknown_endpoint", param="generation.endpoint"
+        )
+    if backend == "openai" and endpoint is None:
+        raise UserError(
+            "backend openai needs a generation endpoint and this deployment has no default one",
+            code="no_endpoint",
+            param="generation.endpoint",
+        )
+    base_url = settings.generation_endpoints[endpoint] if endpoint is not None else None
     thresholds = {fmt: {int(n): float(t) for n, t in table.items()} for fmt, table in (sel.get("thresholds") or {}).items()}
     preset = request.get("preset", "paper")
     try:
@@ -168,6 +182,7 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
             ),
             backend=backend,
             base_url=base_url,
+            endpoint=endpoint,
             shard_size=request["shard_size"],
             noise={fmt: NoiseSpec(**spec) for fmt, spec in (gen.get("noise") or {}).items()},
             preset=preset,
@@ -275,7 +290,7 @@ def _record_generation(r: Redis, pairset_id: str, config: PipelineConfig) -> Non
         gen = rec["config"]["generation"]
         if gen.get("backend") is not None:
             return None
-        rec["config"] = {**rec["config"], "generation": {**gen, "backend": config.backend, "base_url": config.base_url}}
+        rec["config"] = {**rec["config"], "generation": {**gen, "backend": config.backend, "endpoint": config.endpoint}}
         return rec
 
     records.update(r, records.PAIRSET, pairset_id, mutate)

@@ -14,7 +14,7 @@ from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep,
 from app.idempotency import fingerprint, run_once
 from app.schemas import Dataset, DatasetCreate, DatasetList, Deleted, ErrorResponse
 from app.uploads import FILE_FIELD, Upload, UploadDep
-from core import jobs, records
+from core import images, jobs, records
 from core.dataset import dataset_dir
 from core.errors import ConflictError
 from core.settings import Settings
@@ -137,7 +137,8 @@ def delete_dataset(dataset_id: DatasetId, key: CurrentKey, redis: RedisDep, stor
             )
     jobs.stop_job(redis, jobs.ingest_job_id(dataset_id))
     records.delete(redis, records.DATASET, record)
-    # Images are content-addressed and may be shared with other datasets: they stay.
+    # Images are content-addressed and may be shared with other datasets: those no dataset uses go.
+    images.release(redis, store, dataset_id)
     shutil.rmtree(dataset_dir(store, dataset_id), ignore_errors=True)
     shutil.rmtree(store.path("uploads", dataset_id), ignore_errors=True)
     return {"id": dataset_id, "object": "dataset", "deleted": True}

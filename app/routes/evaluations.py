@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from redis import Redis
 
+from app import admission
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
@@ -57,6 +58,7 @@ def _start_evaluation(redis: Redis, settings: Settings, owner: str, body: Evalua
             )
         if "model" not in body.model_fields_set:
             config["model"] = training["model"]  # the adapter's own base model
+    admission.check_model(settings, config["model"], "model")
     record = records.create(
         redis,
         records.EVALUATION,

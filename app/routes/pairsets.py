@@ -4,18 +4,20 @@ here with pyarrow only (`core.exports`)."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from redis import Redis
 
+from app import admission
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.downloads import BINARY as _BINARY
 from app.downloads import JSON_ERRORS as _JSON_ERRORS
 from app.downloads import ArchiveResponse, archive_responses
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
-from app.schemas import ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
+from app.schemas import Deleted, ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
 from core import exports, jobs, records
 from core.errors import ConflictError, NotFoundError
 from core.settings import Settings
@@ -30,8 +32,28 @@ PairSetId = Annotated[str, Path(min_length=1, max_length=64, description="The pa
 PairUid = Annotated[str, Path(max_length=64, pattern=r"^\d+-\d+$", description="A pair's uid (`{seed}-{index}`).")]
 
 
-def _start_pairset(redis: Redis, settings: Settings, owner: str, body: PairSetCreate) -> dict[str, Any]:
+def _admit(redis: Redis, settings: Settings, store: ArtifactStore, owner: str, body: PairSetCreate) -> None:
+    """What this deployment and the model allow, and the key's quotas (`app.admission`)."""
+    admission.check_prompts(settings, body.augmentation.num)
+    admission.check_endpoint(settings, body.generation.model_dump())
+    admission.check_model(settings, body.model, "model")
+    if body.train is not None:
+        admission.check_training(
+            settings,
+            body.train.model or body.model,
+            body.train.hyperparameters.model_dump(),
+            images=admission.max_images(body.augmentation.model_dump(mode="json")),
+            pairs=body.augmentation.num,  # at most one pair per prompt
+            param="train.hyperparameters",
+            model_param="train.model" if body.train.model else "model",
+        )
+    admission.check_running(redis, settings, records.PAIRSET, owner)
+    admission.check_storage(redis, settings, store, owner)
+
+
+def _start_pairset(redis: Redis, settings: Settings, store: ArtifactStore, owner: str, body: PairSetCreate) -> dict[str, Any]:
     """Check the dataset (yours, ready), record the pair set `queued`, and hand it to the pipeline hook."""
+    _admit(redis, settings, store, owner, body)
     try:
         dataset = records.get(redis, records.DATASET, body.dataset_id, owner)
     except NotFoundError as exc:
@@ -65,6 +87,7 @@ def create_pairset(
     key: CurrentKey,
     redis: RedisDep,
     settings: SettingsDep,
+    store: StoreDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
@@ -76,7 +99,7 @@ def create_pairset(
         key=idempotency_key,
         request_fingerprint=fingerprint("pairset", body.model_dump(mode="json")),
         response=response,
-        create=lambda: _start_pairset(redis, settings, key.owner, body),
+        create=lambda: _start_pairset(redis, settings, store, key.owner, body),
     )
 
 
@@ -181,3 +204,19 @@ def download_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, st
     # Built on the first download and kept; the merge removes it when it writes a new export.
     path = exports.build_archive(export, exports.archive_path(store, pairset_id), root=pairset_id)
     return ArchiveResponse(path, media_type=ArchiveResponse.media_type, filename=f"{pairset_id}.tar.gz")
+
+
+@router.delete("/{pairset_id}", response_model=Deleted, responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+def delete_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, store: StoreDep) -> dict[str, Any]:
+    """Delete a finished pair set and its files: shards, export, archive (409 while it runs, or while an
+    unfinished training uses it: cancel first)."""
+    record = records.get(redis, records.PAIRSET, pairset_id, key.owner)
+    if record["status"] not in records.PAIRSET_TERMINAL:
+        raise ConflictError(f"pair set {pairset_id} is {record['status']}: cancel it first", code="pairset_running", param="id")
+    for training_id in records.ids_of(redis, records.TRAINING, key.owner):
+        training = records.find(redis, records.TRAINING, training_id)
+        if training and training["pairset_id"] == pairset_id and training["status"] not in records.TRAINING_TERMINAL:
+            raise ConflictError(f"training {training_id} is still using pair set {pairset_id}", code="pairset_in_use", param="id")
+    records.delete(redis, records.PAIRSET, record)
+    shutil.rmtree(exports.pairset_dir(store, pairset_id), ignore_errors=True)
+    return {"id": pairset_id, "object": "pairset", "deleted": True}

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response, status
 from redis import Redis
 
+from app import admission
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.downloads import ArchiveResponse, archive_responses
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
 from app.schemas import (
+    Deleted,
     ErrorResponse,
     EventList,
     Training,
@@ -23,6 +26,7 @@ from app.schemas import (
 from core import jobs, records, trainings
 from core.errors import ConflictError, NotFoundError
 from core.settings import Settings
+from core.store import ArtifactStore
 from trainer.checkpoints import list_checkpoints
 
 router = APIRouter(
@@ -37,7 +41,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
 _CONFLICT: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}}
 
 
-def _start_training(redis: Redis, settings: Settings, owner: str, body: TrainingCreate) -> dict[str, Any]:
+def _start_training(redis: Redis, settings: Settings, store: ArtifactStore, owner: str, body: TrainingCreate) -> dict[str, Any]:
     """Check the pair set (yours, succeeded, with pairs), record the training `queued`, enqueue its job."""
     try:
         pairset = records.get(redis, records.PAIRSET, body.pairset_id, owner)
@@ -51,6 +55,17 @@ def _start_training(redis: Redis, settings: Settings, owner: str, body: Training
         )
     if not pairset["counts"]["pairs"]:
         raise ConflictError(f"pair set {body.pairset_id} has no pairs to train on", code="empty_pair_set", param="pairset_id")
+    admission.check_training(
+        settings,
+        body.model or pairset["model"],
+        body.hyperparameters.model_dump(),
+        images=admission.max_images(pairset["config"]["augmentation"]),
+        pairs=pairset["counts"]["pairs"],
+        param="hyperparameters",
+        model_param="model",
+    )
+    admission.check_running(redis, settings, records.TRAINING, owner)
+    admission.check_storage(redis, settings, store, owner)
     record = records.create(
         redis,
         records.TRAINING,
@@ -79,6 +94,7 @@ def create_training(
     key: CurrentKey,
     redis: RedisDep,
     settings: SettingsDep,
+    store: StoreDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def create_training(
         key=idempotency_key,
         request_fingerprint=fingerprint("training", body.model_dump(mode="json")),
         response=response,
-        create=lambda: _start_training(redis, settings, key.owner, body),
+        create=lambda: _start_training(redis, settings, store, key.owner, body),
     )
 
 
@@ -180,3 +196,14 @@ def cancel_training(training_id: TrainingId, key: CurrentKey, redis: RedisDep) -
     record = records.request_training_cancel(redis, training_id, key.owner)
     jobs.stop_training(redis, training_id)
     return record
+
+
+@router.delete("/{training_id}", response_model=Deleted, responses=_CONFLICT)
+def delete_training(training_id: TrainingId, key: CurrentKey, redis: RedisDep, store: StoreDep) -> dict[str, Any]:
+    """Delete a finished training and its files: checkpoints, adapter, archives (409 while it runs: cancel first)."""
+    record = records.get(redis, records.TRAINING, training_id, key.owner)
+    if record["status"] not in records.TRAINING_TERMINAL:
+        raise ConflictError(f"training {training_id} is {record['status']}: cancel it first", code="training_running", param="id")
+    records.delete(redis, records.TRAINING, record)
+    shutil.rmtree(trainings.training_dir(store, training_id), ignore_errors=True)
+    return {"id": training_id, "object": "training", "deleted": True}

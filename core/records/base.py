@@ -154,13 +154,13 @@ def update(
     resource_id: str,
     mutate: Callable[[Record], Record | None],
     *,
-    event: Callable[[Record], tuple[str, dict[str, Any]]] | None = None,
+    event: Callable[[Record], tuple[str, dict[str, Any]] | None] | None = None,
 ) -> Record:
     """Read-modify-write under WATCH: concurrent writers (API and jobs) never lose each other's changes.
 
     `mutate` gets a copy of the record and returns the new record, or None to leave it unchanged; what it
     raises propagates. `event(new)` gives the (type, data) of an event appended in the same transaction
-    when the record changed, so a reader that sees the new record also finds its event.
+    when the record changed, so a reader that sees the new record also finds its event (None: no event).
     NotFoundError when the record is gone.
     """
     key = record_key(kind, resource_id)
@@ -180,8 +180,9 @@ def update(
                     return current
                 pipe.multi()
                 pipe.set(key, _dump(new))
-                if event is not None:
-                    pipe.xadd(events_key(resource_id), _event_fields(*event(new)), maxlen=_EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                happened = event(new) if event is not None else None
+                if happened is not None:
+                    pipe.xadd(events_key(resource_id), _event_fields(*happened), maxlen=_EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
                 pipe.execute()
                 return new
             except WatchError:
@@ -245,8 +246,13 @@ def decode_entries(entries: Any) -> list[Record]:
     return [decode_event(entry_id, fields) for entry_id, fields in entries or []]
 
 
+_LAST_ID = f"{2**64 - 1}-{2**64 - 1}"
+
+
 def read_events(r: Redis, resource_id: str, *, after: str | None = None, limit: int = 100) -> tuple[list[Record], bool]:
     """Events in the order they happened, after the event id `after`; and whether there are more."""
+    if after == _LAST_ID:
+        return [], False  # nothing can come after it (and Redis refuses the exclusive interval)
     start = f"({after}" if after else "-"
     events = decode_entries(r.xrange(events_key(resource_id), start, "+", count=limit + 1))
     return events[:limit], len(events) > limit

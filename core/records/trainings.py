@@ -138,7 +138,8 @@ def report_training_step(
 
 def report_training_checkpoint(r: Redis, training_id: str, *, step: int, count: int, metrics: dict[str, Any]) -> Record:
     """A complete checkpoint of `step` is in the store (`count` of them now), with a `checkpoint` event.
-    Also recorded for a cancelled training: a cancel saves the step it stopped at."""
+    Also recorded for a cancelled training (a cancel saves the step it stopped at), without an event: the
+    terminal `status` event stays the last one of the stream."""
 
     def mutate(rec: Record) -> Record | None:
         if rec["status"] not in ("running", "cancelled"):
@@ -146,7 +147,9 @@ def report_training_checkpoint(r: Redis, training_id: str, *, step: int, count: 
         rec["checkpoints"] = {"count": count, "last_step": step}
         return rec
 
-    def event(rec: Record) -> tuple[str, dict[str, Any]]:
+    def event(rec: Record) -> tuple[str, dict[str, Any]] | None:
+        if rec["status"] != "running":
+            return None
         return "checkpoint", {"step": step, "metrics": _finite(metrics)}
 
     return update(r, TRAINING, training_id, mutate, event=event)

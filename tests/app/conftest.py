@@ -25,6 +25,10 @@ def settings(tmp_path: Path, redis_url: str) -> Settings:
         redis_url=redis_url,
         api_keys=[KEY_A, KEY_B],
         max_upload_bytes=64 * 1024,
+        generation_endpoints={"vllm": "http://127.0.0.1:9/v1"},  # named, never called by these tests
+        # Jobs never run here: the running-jobs quotas would count every record made (tests/e2e test them).
+        max_running_pairsets_per_key=0,
+        max_running_trainings_per_key=0,
     )
 
 

@@ -49,7 +49,7 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
     assert config["augmentation"] == {"num": 100, "formats": ["sequence", "grid", "pic_in_pic"], "mix": None}
     assert config["generation"] == {
         "max_new_tokens": 512, "num_candidates": 1, "temperature": 0.0, "top_p": 1.0, "batch_size": 8,
-        "backend": None, "base_url": None, "noise": {},
+        "backend": None, "endpoint": None, "noise": {},
     }  # fmt: skip
     assert config["selection"] == {
         "thresholds": None, "attention_rows": "answer_tokens", "perplexity_gate": None,
@@ -66,9 +66,9 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
 def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> None:
     body = {
         "dataset_id": dataset_id,
-        "model": "llava-hf/llava-1.5-7b-hf",
+        "model": "tiny-llava-hf",
         "augmentation": {"num": 1000, "formats": ["grid", "sequence"], "mix": {"grid_counts": {"2": 1, "9": 1}}},
-        "generation": {"num_candidates": 4, "temperature": 0.7, "top_p": 0.9, "backend": "openai", "base_url": "http://vllm:8000/v1",
+        "generation": {"num_candidates": 4, "temperature": 0.7, "top_p": 0.9, "backend": "openai", "endpoint": "vllm",
                        "noise": {"grid": {"std": 25}}},
         "preset": "official_code",
         "selection": {"thresholds": {"grid": {"9": 0.35}}},
@@ -103,7 +103,23 @@ def test_create_accepts_a_full_config(client: TestClient, dataset_id: str) -> No
         ({"augmentation": {"mix": {"sequence_counts": {"7": 1}}}}, "augmentation", "value_error"),
         ({"generation": {"num_candidates": 3}}, "generation", "value_error"),
         ({"generation": {"backend": "tgi"}}, "generation.backend", "literal_error"),
-        ({"generation": {"base_url": "http://x"}}, "generation", "value_error"),
+        ({"generation": {"endpoint": "vllm"}}, "generation", "value_error"),
+        ({"generation": {"backend": "openai", "base_url": "http://127.0.0.1:8099/"}}, "generation.base_url", "extra_forbidden"),
+        ({"generation": {"backend": "openai", "endpoint": "http://127.0.0.1:8099/"}}, "generation.endpoint", "string_pattern_mismatch"),
+        ({"generation": {"backend": "openai", "endpoint": "nope"}}, "generation.endpoint", "unknown_endpoint"),
+        ({"generation": {"backend": "openai"}}, "generation.endpoint", "no_endpoint"),
+        ({"model": "/etc/passwd"}, "model", "string_pattern_mismatch"),
+        ({"model": "../../etc"}, "model", "string_pattern_mismatch"),
+        ({"model": "root"}, "model", "model_not_found"),
+        ({"model": "org/not-cached"}, "model", "model_not_found"),
+        ({"augmentation": {"num": 20_001}}, "augmentation.num", "too_many_prompts"),
+        ({"train": {"hyperparameters": {"lora_target": "nothing"}}}, "train.hyperparameters.lora_target", "lora_target_matches_nothing"),
+        ({"train": {"hyperparameters": {"max_length": 1}}}, "train.hyperparameters.max_length", "max_length_too_small"),
+        ({"train": {"hyperparameters": {"max_steps": 10**6}}}, "train.hyperparameters.max_steps", "too_many_steps"),
+        ({"train": {"hyperparameters": {"num_epochs": 10**3}}}, "train.hyperparameters.num_epochs", "too_many_steps"),
+        ({"train": {"hyperparameters": {"num_epochs": 10**9}}}, "train.hyperparameters.num_epochs", "less_than_equal"),
+        ({"train": {"hyperparameters": {"lora_r": 10**9}}}, "train.hyperparameters.lora_r", "less_than_equal"),
+        ({"train": {"model": "/root"}}, "train.model", "string_pattern_mismatch"),
         ({"generation": {"noise": {"grid": {"std": -1}}}}, "generation.noise.grid.std", "greater_than_equal"),
         ({"generation": {"noise": {"grid": {"std": 300}}}}, "generation.noise.grid.std", "less_than_equal"),
         ({"generation": {"noise": {"collage": {"std": 3}}}}, "generation.noise.collage.[key]", "literal_error"),

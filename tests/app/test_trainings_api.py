@@ -121,7 +121,16 @@ def test_presets_fill_what_the_request_leaves_out(client: TestClient, pairset_id
         ({"checkpoint_every": 0}, "checkpoint_every", "greater_than_equal", ""),
         ({"preset": "mine"}, "preset", "literal_error", ""),
         ({"hyperparameters": {"effective_batch_size": 64, "gradient_accumulation_steps": 2}}, "hyperparameters", "value_error", "not both"),
-        ({"model": ""}, "model", "string_too_short", ""),
+        ({"model": ""}, "model", "string_pattern_mismatch", ""),
+        ({"model": "/etc/passwd"}, "model", "string_pattern_mismatch", ""),
+        ({"model": "etc"}, "model", "model_not_found", "not available here"),
+        # What the model's modules and images allow (its config on the meta device), and the steps quota.
+        ({"hyperparameters": {"lora_target": "matches.nothing"}}, "hyperparameters.lora_target", "lora_target_matches_nothing", "language_model"),
+        ({"hyperparameters": {"max_length": 1}}, "hyperparameters.max_length", "max_length_too_small", "at least"),
+        ({"hyperparameters": {"max_steps": 10**12}}, "hyperparameters.max_steps", "less_than_equal", ""),
+        ({"hyperparameters": {"max_steps": 10**6}}, "hyperparameters.max_steps", "too_many_steps", "at most 5000"),
+        ({"hyperparameters": {"num_epochs": 10**9}}, "hyperparameters.num_epochs", "less_than_equal", ""),
+        ({"hyperparameters": {"lora_r": 10**9}}, "hyperparameters.lora_r", "less_than_equal", ""),
         ({"pairset_id": None}, "pairset_id", "string_type", ""),
     ],
 )
@@ -351,7 +360,11 @@ def test_adapter_409_until_succeeded_then_archive_with_range(
     assert r.status_code == 206 and r.content == data[100:]
     assert r.headers["content-range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
     r = client.get(adapter["url"], headers={**AUTH_A, "Range": f"bytes={len(data) + 10}-"})
-    assert r.status_code == 416
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data)}"
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("range_not_satisfiable", "Range")
+    for malformed in ("bytes=9-3", "items=0-1", "bytes", "bytes=-"):  # ignored (RFC 9110 14.2): the whole archive
+        r = client.get(adapter["url"], headers={**AUTH_A, "Range": malformed})
+        assert r.status_code == 200 and r.content == data, malformed
     # Gone from the store (a cleanup): built again from the adapter folder, the same bytes.
     archive.unlink()
     assert client.get(adapter["url"], headers=AUTH_A).content == data
@@ -388,3 +401,21 @@ def test_a_pairsets_train_chains_one_training(client: TestClient, redis_client: 
     untrained = make_pairset(redis_client)
     with pytest.raises(UserError, match="asked for no training"):
         jobs.enqueue_training_for_pairset(redis_client, untrained, settings=settings)
+
+
+def test_delete_removes_a_finished_training_and_its_files(client: TestClient, redis_client: Redis, pairset_id: str, store: ArtifactStore) -> None:
+    training_id = create(client, {"pairset_id": pairset_id}).json()["id"]
+    folder = store.path("trainings", training_id, "output", "checkpoint-2")
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    r = client.delete(f"/v1/trainings/{training_id}", headers=AUTH_A)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "training_running"
+    # The pair set it trains on cannot go either, while it runs.
+    r = client.delete(f"/v1/pairsets/{pairset_id}", headers=AUTH_A)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pairset_in_use"
+    client.post(f"/v1/trainings/{training_id}/cancel", headers=AUTH_A)
+    assert client.delete(f"/v1/trainings/{training_id}", headers=AUTH_B).status_code == 404
+    assert client.delete(f"/v1/trainings/{training_id}", headers=AUTH_A).json() == {"id": training_id, "object": "training", "deleted": True}
+    assert not store.path("trainings", training_id).exists()
+    assert client.get(f"/v1/trainings/{training_id}", headers=AUTH_A).status_code == 404
+    assert client.delete(f"/v1/pairsets/{pairset_id}", headers=AUTH_A).status_code == 200

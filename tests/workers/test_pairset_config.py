@@ -83,11 +83,27 @@ def test_presets_are_complete(tmp_path: Path, preset: str) -> None:
 
 
 def test_a_request_without_a_backend_gets_the_deployments(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, generation_backend="openai", openai_base_url="http://vllm:8000/v1")
+    endpoints = {"vllm": "http://vllm:8000/v1", "other": "http://other:8000/v1"}
+    settings = Settings(data_dir=tmp_path, generation_backend="openai", generation_endpoints=endpoints, generation_endpoint="vllm")
     config = pipeline_config(_stored(), settings)
-    assert (config.backend, config.base_url) == ("openai", "http://vllm:8000/v1")
+    assert (config.backend, config.endpoint, config.base_url) == ("openai", "vllm", "http://vllm:8000/v1")
+    named = pipeline_config(_stored(generation={"backend": "openai", "endpoint": "other"}), settings)
+    assert (named.endpoint, named.base_url) == ("other", "http://other:8000/v1")
     explicit = pipeline_config(_stored(generation={"backend": "hf"}), settings)
     assert (explicit.backend, explicit.base_url) == ("hf", None)
-    with pytest.raises(UserError, match="needs base_url") as exc:
+    with pytest.raises(UserError, match="no default one") as exc:
         pipeline_config(_stored(generation={"backend": "openai"}), Settings(data_dir=tmp_path))
-    assert exc.value.code == "invalid_config"
+    assert exc.value.code == "no_endpoint"
+    with pytest.raises(UserError, match="not configured") as exc:
+        pipeline_config(_stored(generation={"backend": "openai", "endpoint": "gone"}), settings)
+    assert (exc.value.code, exc.value.param) == ("unknown_endpoint", "generation.endpoint")
+
+
+def test_endpoints_from_the_environment_and_their_checks(tmp_path: Path) -> None:
+    assert Settings(generation_endpoints="a=http://x/v1, b=https://y/v1").generation_endpoints == {"a": "http://x/v1", "b": "https://y/v1"}
+    assert Settings(generation_endpoints='{"a": "http://x/v1"}').generation_endpoints == {"a": "http://x/v1"}
+    for bad in ("a=ftp://x", "a", "../x=http://x"):
+        with pytest.raises(ValueError):
+            Settings(generation_endpoints=bad)
+    with pytest.raises(ValueError, match="not one of"):
+        Settings(generation_endpoints="a=http://x/v1", generation_endpoint="b")

@@ -127,10 +127,10 @@ def steered(tiny_model_settings, tmp_path_factory) -> ModelHandle:
     """A steered copy of tiny-llava, saved and loaded back through `load_model` (rope_theta applies)."""
     handle = load_model("tiny-llava", tiny_model_settings)  # a fresh copy: the shared fixture stays as is
     steer(handle)
-    path = tmp_path_factory.mktemp("steered-llava")
+    path = tmp_path_factory.mktemp("models") / "steered-llava"  # an operator's model folder (MIADPO_MODELS_DIR)
     handle.model.save_pretrained(path)
     handle.processor.save_pretrained(path)
-    return load_model(str(path), tiny_model_settings)
+    return load_model(path.name, tiny_model_settings.model_copy(update={"models_dir": path.parent}))
 
 
 # -- recipes and the selection as the pipeline runs it ----------------------------------------------

@@ -101,6 +101,14 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
+class _Refused(UserError):
+    """A 4xx (not 429) from the server; `server_message` is its own words, for us and the log only."""
+
+    def __init__(self, message: str, *, server_message: str) -> None:
+        super().__init__(message, code="generation_server_refused")
+        self.server_message = server_message
+
+
 class OpenAIBackend:
     """Generation through an OpenAI-compatible `/chat/completions` endpoint.
 
@@ -113,6 +121,8 @@ class OpenAIBackend:
         backoff_s: sleep before retry i is `backoff_s[min(i, len - 1)]`.
         concurrency: prompts of a batch in flight at once.
         return_token_ids: ask for the sampled token ids (vLLM's `return_token_ids` extension).
+        endpoint: the name the operator gave the server (`MIADPO_GENERATION_ENDPOINTS`): errors name it, and
+            never carry the server's URL or what it answered (that goes to the worker's log).
         reader: reads each answer (`AnswerReader` with the served model's tokenizer): stripped text, the
             answer's token ids (from `return_token_ids`, else from re-tokenising the text as written).
     """
@@ -131,6 +141,7 @@ class OpenAIBackend:
         backoff_s: Sequence[float] = (0.5, 1.0, 2.0),
         concurrency: int = 8,
         return_token_ids: bool = True,
+        endpoint: str | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -153,6 +164,7 @@ class OpenAIBackend:
         self.return_token_ids = return_token_ids
         self.reader = reader
         self._url = f"{self.base_url}/chat/completions"
+        self._where = f"generation endpoint {endpoint!r}" if endpoint else "the generation server"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             headers=headers,
@@ -206,9 +218,9 @@ class OpenAIBackend:
             try:
                 answer = self._post(request)
                 break
-            except UserError as exc:
+            except _Refused as exc:
                 # An OpenAI-style server rejects unknown fields; ask once more without the extension.
-                if not (asked_ids and "return_token_ids" in exc.message):
+                if not (asked_ids and "return_token_ids" in exc.server_message):
                     raise
                 with self._lock:
                     if self.return_token_ids:
@@ -228,24 +240,29 @@ class OpenAIBackend:
             except httpx.TimeoutException as exc:
                 problems.append(f"timeout after {self.timeout_s:g} s ({type(exc).__name__})")
             except httpx.TransportError as exc:
-                problems.append(f"connection error ({type(exc).__name__}: {exc})")
+                logger.warning("POST %s: connection error: %s", self._url, exc)
+                problems.append(f"connection error ({type(exc).__name__})")
             else:
                 status = response.status_code
                 if status == 200:
                     try:
                         return response.json()
                     except ValueError as exc:
+                        logger.error("POST %s answered 200 with a body that is not JSON: %r", self._url, response.text[:200])
                         raise FatalError(
-                            f"POST {self._url} answered 200 with a body that is not JSON: {response.text[:200]!r}",
+                            f"{self._where} answered with a body that is not JSON (see the worker log)",
                             code="generation_server_bad_response",
                         ) from exc
                 message = _error_message(response)
                 if status != 429 and status < 500:
-                    raise UserError(
-                        f"POST {self._url} was refused with HTTP {status}: {message}",
-                        code="generation_server_refused",
+                    logger.warning("POST %s was refused with HTTP %d: %s", self._url, status, message)
+                    raise _Refused(
+                        f"{self._where} refused the request with HTTP {status} (its answer is in the worker log; "
+                        "check that it serves this model)",
+                        server_message=message,
                     )
-                problems.append(f"HTTP {status}: {message}")
+                problems.append(f"HTTP {status}")
+                logger.warning("POST %s answered HTTP %d: %s", self._url, status, message)
             if attempt < self.max_retries:
                 delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
                 logger.info(
@@ -259,7 +276,7 @@ class OpenAIBackend:
                 time.sleep(delay)
         what = "timed out" if all(p.startswith("timeout") for p in problems) else "failed"
         raise TransientError(
-            f"POST {self._url} {what} on all {attempts} attempts (timeout {self.timeout_s:g} s per request); "
+            f"{self._where} {what} on all {attempts} attempts (timeout {self.timeout_s:g} s per request); "
             f"last error: {problems[-1]}",
             code="generation_server_unavailable",
         )
@@ -267,13 +284,14 @@ class OpenAIBackend:
     def _candidates(self, uid: str, answer: dict[str, Any], n: int) -> list[Candidate]:
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list):
+            logger.error("%s answered without a choices list for prompt %r: %s", self._url, uid, str(answer)[:200])
             raise FatalError(
-                f"{self._url} answered without a choices list for prompt {uid!r}: {str(answer)[:200]}",
+                f"{self._where} answered without a choices list for prompt {uid!r} (see the worker log)",
                 code="generation_server_bad_response",
             )
         if len(choices) != n:
             raise FatalError(
-                f"{self._url} returned {len(choices)} choices for prompt {uid!r}, expected n={n} "
+                f"{self._where} returned {len(choices)} choices for prompt {uid!r}, expected n={n} "
                 "(does the server support n > 1?)",
                 code="generation_server_bad_response",
             )

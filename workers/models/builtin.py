@@ -11,6 +11,7 @@ drops its copy).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -80,6 +81,33 @@ class BuiltinModel:
     def __post_init__(self) -> None:
         if (self.build is None) == (self.packaged is None):
             raise ValueError(f"built-in model {self.name!r} needs exactly one of build and packaged")
+
+
+# What a model name may look like: a name or an `org/name` hub id. Every segment starts with a letter or a
+# digit, so no name is absolute, holds `..`, or leaves the folder it is looked up in.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+
+
+def operator_model(name: str, models_dir: Path | None) -> Path | None:
+    """`{models_dir}/{name}` when the operator put a model folder there (it has a config.json), else None."""
+    if models_dir is None or not MODEL_NAME.fullmatch(name):
+        return None
+    path = Path(models_dir) / name
+    return path if (path / _COMPLETE).is_file() else None
+
+
+def cached_hub_model(name: str) -> Path | None:
+    """The snapshot folder of hub id `name` when the local Hugging Face cache holds its config, else None.
+    Never a download: the cache is only looked at."""
+    if not MODEL_NAME.fullmatch(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, _COMPLETE)
+    except Exception:  # an id the hub refuses (HFValidationError), an unreadable cache: not there
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def builtin_path(name: str, data_dir: Path) -> Path:

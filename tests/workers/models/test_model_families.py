@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from core.errors import UserError
 from core.settings import Settings
 from workers.generate import PromptInput
-from workers.models import BUILTINS, FAMILIES, family_for, image_spans, load_model
+from workers.models import BUILTINS, FAMILIES, family_for, image_spans, load_model, resolve_model
 from workers.models.builtin import BuiltinModel, ensure_builtin
 from workers.models.llava import FAMILY as LLAVA
 from workers.models.llava import LLAVA_HF_TEMPLATE, VICUNA_V1_SYSTEM, build_tiny_llava
@@ -37,13 +37,25 @@ def test_unknown_model_type_is_a_user_error_naming_the_families(tmp_path: Path):
 
     BertConfig(
         num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8
-    ).save_pretrained(tmp_path)
+    ).save_pretrained(tmp_path / "models" / "bert")
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
     with pytest.raises(UserError) as err:
-        load_model(str(tmp_path), Settings(data_dir=tmp_path / "data"))
+        load_model("bert", settings)
     assert "bert" in err.value.message and "llava" in err.value.message and "qwen2.5-vl" in err.value.message
+    (tmp_path / "models" / "broken").mkdir()
+    (tmp_path / "models" / "broken" / "config.json").write_text("secret words, not JSON")
     with pytest.raises(UserError) as err:
-        load_model(str(tmp_path / "nowhere"), Settings(data_dir=tmp_path / "data"))
-    assert err.value.code == "model_not_found"
+        load_model("broken", settings)
+    assert err.value.code == "model_invalid" and "secret" not in err.value.message  # a file's content never shows
+
+
+@pytest.mark.parametrize("name", ["nowhere", "/etc", "/etc/passwd", "/root", "/nonexistent", "../data", "models/../bert", str(Path.home())])
+def test_a_model_is_a_name_never_a_path(tmp_path: Path, name: str):
+    """Paths, existing or not, get the same answer as an unknown name: nothing about the host's files."""
+    (tmp_path / "models").mkdir()
+    with pytest.raises(UserError) as err:
+        resolve_model(name, Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models"))
+    assert err.value.code == "model_not_found" and err.value.message.startswith(f"model {name!r} is not available here")
 
 
 def test_tiny_models_load_from_the_data_dir_and_by_path(tiny_llava, tiny_qwen, tiny_model_settings):
@@ -52,7 +64,7 @@ def test_tiny_models_load_from_the_data_dir_and_by_path(tiny_llava, tiny_qwen, t
         assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
         assert handle.num_layers == 2 and handle.default_layers == (1,)
         assert handle.model.dtype == torch.float32 and not handle.model.training
-        by_path = load_model(str(path), tiny_model_settings)
+        by_path = load_model(name, tiny_model_settings.model_copy(update={"models_dir": path.parent}))
         assert by_path.family is handle.family
         for (k, v), (k2, v2) in zip(
             handle.model.state_dict().items(), by_path.model.state_dict().items(), strict=True
@@ -228,3 +240,21 @@ def test_image_spans_checks_counts():
 def test_placeholder_count_must_match_images(tiny_qwen, noise_image):
     with pytest.raises(ValueError, match="placeholders"):
         QWEN.encode(tiny_qwen.processor, [PromptInput("x", "<image><image>", [noise_image(32, 32)])])
+
+
+def test_a_hub_id_resolves_only_from_the_local_cache(tmp_path: Path, tiny_model_settings, monkeypatch):
+    """A hub id in the cache resolves to its snapshot, without the network; an uncached one is unknown."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    ensure_builtin(BUILTINS["tiny-llava"], tiny_model_settings.data_dir)
+    import shutil
+
+    shutil.copytree(tiny_model_settings.data_dir / "models" / "tiny-llava", snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model("org/tiny", tiny_model_settings) == snapshot
+    assert load_model("org/tiny", tiny_model_settings).family is LLAVA
+    with pytest.raises(UserError, match="not available here"):
+        resolve_model("org/other", tiny_model_settings)
