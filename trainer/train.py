@@ -52,6 +52,8 @@ class TrainResult:
     summary: dict[str, float]  # the Trainer's end-of-run numbers (train_runtime, train_loss, ...)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    fast_path: bool = False  # the pairs ran packed (trainer.fast); False: TRL's two sequences per pair
+    ref_precomputed: bool = False  # the reference log-probs were computed once before training
 
 
 def default_device() -> str:
@@ -93,8 +95,7 @@ def run_training(
     Raises:
         UserError: unknown model, empty or malformed export.
     """
-    from trl import DPOTrainer
-
+    from trainer.fast import FastDPOTrainer
     from workers.models import load_model
 
     output_dir, export_dir = Path(output_dir), Path(export_dir)
@@ -115,13 +116,15 @@ def run_training(
     dataset = load_pairs(export_dir, cache_dir=output_dir / ".datasets-cache")
     # bf16 weights on GPU (bf16 autocast on top), fp32 on CPU: load_model's defaults for the device.
     handle = load_model(model, settings, device=args.device)
-    trainer = DPOTrainer(
+    trainer = FastDPOTrainer(
         model=handle.model,
         args=args,
         train_dataset=dataset,
         processing_class=handle.processor,
         peft_config=lora,
         callbacks=[CheckpointCallback(), *callbacks],
+        fast_path=hp.fast_path,
+        precompute_ref_logps=hp.precompute_ref_logps,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the callbacks, not stdout
     output = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
@@ -145,6 +148,8 @@ def run_training(
         summary=dict(output.metrics),
         checkpoints=list_checkpoints(output_dir),
         log_history=list(state.log_history),
+        fast_path=trainer.fast_path,
+        ref_precomputed=trainer.precompute_ref_logps,
     )
 
 
