@@ -174,6 +174,7 @@ def _mib(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu-7b", action="store_true", help="also the LLaVA-1.5-7B shape on CUDA (if present)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the 7B shape (bench/gpu.sh)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per method, after one warm-up")
     parser.add_argument("--images", default="1,2,4", help="images per prompt, comma separated")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -187,8 +188,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; CPU rows on 1 torch thread, CPU "
           f"time; CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     counts = [int(x) for x in args.images.split(",")]
-    models = [("tiny-llava", "cpu")]
-    if args.gpu_7b:
+    models = [] if args.gpu_only else [("tiny-llava", "cpu")]
+    if args.gpu_7b or args.gpu_only:
         if torch.cuda.is_available():
             models.append((SEVEN_B, "cuda"))
         else:
@@ -217,7 +218,8 @@ def main() -> None:
     print("as `processor`; proc. share = processor / (processor + probe)); peak: memory the forward adds (CPU:")
     print("peak RSS rise, coarse at tiny sizes; GPU: max_memory_allocated rise). Only GPU times are absolute.")
     print()
-    assert last is not None
+    if last is None:
+        return
     sdpa, probe = last
     print(f"probe/sdpa time ratio: {probe['seconds'] / sdpa['seconds']:.2f}  "
           f"probe/sdpa memory ratio: {probe['peak_bytes'] / max(sdpa['peak_bytes'], 1):.2f}")
