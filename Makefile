@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-api bench-method bench-scale clean
+.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-attention bench-generate bench-api bench-method bench-scale clean
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -28,13 +28,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy core app
 
-bench: bench-augment bench-train bench-api bench-scale
+bench: bench-augment bench-train bench-attention bench-generate bench-api bench-scale
 
 bench-augment: $(STAMP)
 	$(PY) bench/augment.py
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py
+
+bench-attention: $(STAMP)
+	$(PY) bench/attention.py
+
+bench-generate: $(STAMP)
+	$(PY) bench/generate.py
 
 bench-api: $(STAMP)
 	$(PY) bench/api.py

@@ -155,6 +155,8 @@ class TrainingHyperparameters(_Request):
     max_steps: int | None = _hp("max_steps", ge=1, le=10_000_000)
     gradient_checkpointing: bool = _hp("gradient_checkpointing")
     logging_steps: int = _hp("logging_steps", ge=1, le=1_000_000)
+    fast_path: bool = _hp("fast_path")
+    precompute_ref_logps: bool = _hp("precompute_ref_logps")
 
     @field_validator("*")
     @classmethod

@@ -99,6 +99,16 @@ class TrainHyperparameters:
         default=False, metadata={"help": "Recompute activations in backward: about 1/3 the memory, about 1.4x the time."}
     )
     logging_steps: int = field(default=1, metadata={"help": "Report metrics every this many optimizer steps."})
+    fast_path: bool = field(
+        default=True,
+        metadata={"help": "One forward per pair over [prompt, chosen, rejected], the prompt and images computed once "
+                  "(same loss and gradients; LLaVA and Qwen2.5-VL; false: TRL's two sequences per pair)."},
+    )
+    precompute_ref_logps: bool = field(
+        default=True,
+        metadata={"help": "Compute the reference (adapter-disabled) log-probs once before training, stored with "
+                  "the training (false: TRL's reference forward in every step)."},
+    )
 
     def __post_init__(self) -> None:
         _number("beta", self.beta, low=0.0, low_open=True)
@@ -139,6 +149,9 @@ class TrainHyperparameters:
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         _integer("logging_steps", self.logging_steps, low=1)
+        for name in ("fast_path", "precompute_ref_logps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -203,8 +216,8 @@ def build_configs(
             `effective_batch_size` divides by it.
     Returns:
         (DPOConfig, LoraConfig). The reference model is the policy with its adapter disabled: no
-        `ref_model` is passed to DPOTrainer, and reference log-probs are computed on the fly (TRL refuses
-        to precompute them for vision data).
+        `ref_model` is passed to DPOTrainer. The speed-ups (hp.fast_path, hp.precompute_ref_logps) are
+        arguments of trainer.fast.FastDPOTrainer, not of the config.
     """
     import torch
     from peft import LoraConfig
@@ -226,7 +239,10 @@ def build_configs(
         loss_type=loss_type,
         loss_weights=loss_weights,
         max_length=hp.max_length,  # None: TRL's 1024 default would cut LLaVA's 576-token images
+        # TRL refuses to precompute for vision data; trainer.fast.FastDPOTrainer does it itself when
+        # hp.precompute_ref_logps, with TRL's routine, in batches of this many pairs.
         precompute_ref_log_probs=False,
+        precompute_ref_batch_size=4 * hp.per_device_batch_size,
         # TRL zeroes every dropout by default, LoRA's included; keep the user's lora_dropout meaningful
         # (LLaVA and Qwen2.5-VL have no other dropout).
         disable_dropout=False,

@@ -53,6 +53,8 @@ class TrainResult:
     summary: dict[str, float]  # the Trainer's end-of-run numbers (train_runtime, train_loss, ...)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    fast_path: bool = False  # the pairs ran packed (trainer.fast); False: TRL's two sequences per pair
+    ref_precomputed: bool = False  # the reference log-probs were computed once before training
 
 
 def default_device() -> str:
@@ -94,8 +96,7 @@ def run_training(
     Raises:
         UserError: unknown model, empty or malformed export.
     """
-    from trl import DPOTrainer
-
+    from trainer.fast import FastDPOTrainer
     from workers.models import load_model
 
     output_dir, export_dir = Path(output_dir), Path(export_dir)
@@ -117,13 +118,15 @@ def run_training(
     # bf16 weights on GPU (bf16 autocast on top), fp32 on CPU: load_model's defaults for the device.
     handle = load_model(model, settings, device=args.device)
     try:
-        trainer = DPOTrainer(
+        trainer = FastDPOTrainer(
             model=handle.model,
             args=args,
             train_dataset=dataset,
             processing_class=handle.processor,
             peft_config=lora,
             callbacks=[CheckpointCallback(), *callbacks],
+            fast_path=hp.fast_path,
+            precompute_ref_logps=hp.precompute_ref_logps,
         )
     except ValueError as exc:
         # The API checks the target against the model's modules; a model that changed since is the user's to fix too.
@@ -155,6 +158,8 @@ def run_training(
         summary=dict(output.metrics),
         checkpoints=list_checkpoints(output_dir),
         log_history=list(state.log_history),
+        fast_path=trainer.fast_path,
+        ref_precomputed=trainer.precompute_ref_logps,
     )
 
 

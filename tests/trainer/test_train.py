@@ -185,6 +185,8 @@ def test_cancel_then_resume_from_latest_checkpoint(family, tmp_path, tiny_settin
     assert [c.step for c in second.checkpoints] == [2, 4] and not partial.exists()
     assert (second.adapter_dir / "adapter_model.safetensors").is_file()
     assert _step_log(second) == _step_log(straight)  # bit-exact on CPU
+    # ... on the fast path (trainer.fast), the reference log-probs precomputed: the defaults.
+    assert straight.fast_path and straight.ref_precomputed and second.fast_path and second.ref_precomputed
 
     # A job retried after the training finished: nothing left to train, the same adapter again.
     with safe_open(second.adapter_dir / "adapter_model.safetensors", "pt") as fh:
