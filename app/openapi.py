@@ -35,15 +35,23 @@ def _without_null_parameters(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _body_errors(document: dict[str, Any]) -> dict[str, Any]:
-    """Every operation that reads a body may answer 400 (FastAPI's: a body that cannot be parsed at all)."""
+    """Every operation that reads a body may answer 400 (FastAPI's: a body that cannot be parsed at all), 408
+    and 413 (the guard's); a create call 429 (a quota)."""
     error = {
         "description": "The body could not be parsed.",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
     }
+    too_large = {**error, "description": "The body is larger than this deployment takes (app.guard)."}
+    too_slow = {**error, "description": "The body stopped arriving (app.guard's idle timeout); the connection is closed."}
     for item in document.get("paths", {}).values():
         for operation in item.values():
             if isinstance(operation, dict) and "requestBody" in operation:
-                operation.setdefault("responses", {}).setdefault("400", error)
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("400", error)
+                responses.setdefault("408", too_slow)
+                responses.setdefault("413", too_large)
+                if operation.get("operationId", "").startswith("create_"):
+                    responses.setdefault("429", {**error, "description": "A quota of this key is used up (running jobs, storage)."})
     return document
 
 

@@ -58,13 +58,13 @@ CONFIG = SchemathesisConfig.from_dict(
             {
                 "include-method": "POST",
                 "include-path-regex": "^/v1/(pairsets|trainings)$",
-                "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", 401, 403, 404, 409, 422]}},
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", 401, 403, 404, 409, 422, 429]}},
             },
             # Schemathesis' coverage phase, while it varies `limit` or `after`, fills the optional
             # Last-Event-ID header with "0", which its own pattern (a stream id) refuses.
             {
                 "include-path-regex": "/events$",
-                "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", 401, 403, 404, 409, 422]}},
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", 401, 403, 404, 409, 422, 429]}},
             },
         ],
     }
