@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from redis import Redis
 
+from app import admission
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.idempotency import fingerprint, run_once
 from app.schemas import Dataset, DatasetCreate, DatasetList, Deleted, ErrorResponse
@@ -65,6 +66,7 @@ def _form(upload: Upload) -> DatasetCreate:
 
 def _start_ingest(redis: Redis, store: ArtifactStore, settings: Settings, owner: str, upload: Upload, form: DatasetCreate) -> dict[str, Any]:
     """Keep the upload under a new dataset id, record it `validating`, enqueue its ingest job."""
+    admission.check_storage(redis, settings, store, owner, adding=upload.size)
     dataset_id = records.new_id(records.DATASET)
     rel = upload.move_to(store, dataset_id)
     record = records.create(
@@ -84,7 +86,9 @@ def _start_ingest(redis: Redis, store: ArtifactStore, settings: Settings, owner:
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     openapi_extra=_UPLOAD_BODY,
-    responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}},
+    responses={
+        400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}
+    },
 )
 def create_dataset(
     key: CurrentKey,

@@ -189,3 +189,17 @@ def test_ready_dataset_shows_counts_and_capped_problems(client: TestClient, redi
     assert (got["status"], got["format"], got["num_rows"], got["num_samples"], got["num_images"]) == ("ready", "jsonl", 200, 50, 40)
     assert got["num_problems"] == 150 and len(got["problems"]) == settings.max_problems_listed
     assert got["problems"][0] == problems[0]
+
+
+def test_the_storage_quota_refuses_uploads_past_it_and_delete_frees_it(settings: Settings, redis_client: Redis) -> None:
+    from app.main import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"max_storage_bytes_per_key": 3000}))) as c:
+        first = upload(c, b"x" * 2000)
+        r = c.post("/v1/datasets", headers=AUTH_A, files={"file": ("d.zip", b"y" * 2000)})
+        assert r.status_code == 429, r.text
+        assert (r.json()["error"]["type"], r.json()["error"]["code"]) == ("quota_error", "storage_quota_exceeded")
+        assert upload(c, b"y" * 2000, headers=AUTH_B)["status"] == "validating"  # another key's quota
+        assert not any((settings.data_dir / "uploads" / ".incoming").iterdir())  # the refused upload is gone
+        assert c.delete(f"/v1/datasets/{first['id']}", headers=AUTH_A).status_code == 200
+        assert upload(c, b"y" * 2000)["status"] == "validating"
