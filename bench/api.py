@@ -123,6 +123,8 @@ class Stack:
             MIADPO_API_KEYS=KEY,
             MIADPO_LOG_LEVEL="WARNING",
             MIADPO_DEVICE="cpu",  # as `miadpo pairs`
+            # One key creates many pair sets on purpose: the per-key quotas would refuse them (429).
+            MIADPO_MAX_RUNNING_PAIRSETS_PER_KEY="0", MIADPO_MAX_RUNNING_TRAININGS_PER_KEY="0",
         )
         self.procs: list[subprocess.Popen] = []
         self.start("api", "--port", str(self.port))

@@ -76,6 +76,8 @@ class Stack:
             ONE_THREAD,
             MIADPO_DATA_DIR=str(root / "data"), REDIS_URL=self.redis_url, MIADPO_REDIS_URL=self.redis_url,
             MIADPO_API_KEYS=KEY, MIADPO_LOG_LEVEL="WARNING", MIADPO_DEVICE="cpu",
+            # One key's large pair sets on purpose: no per-key quotas.
+            MIADPO_MAX_RUNNING_PAIRSETS_PER_KEY="0", MIADPO_MAX_PROMPTS_PER_PAIRSET="0",
         )  # fmt: skip
         self.procs: list[subprocess.Popen] = []
         self.start("api", "--port", str(self.port))

@@ -24,7 +24,10 @@ def redis_db(url: str, db: int) -> str:
 
 def service_env(data_dir: Path, redis_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIADPO_") and k != "REDIS_URL"}
-    env.update(MIADPO_DATA_DIR=str(data_dir), REDIS_URL=redis_url, MIADPO_REDIS_URL=redis_url, **extra)
+    # Running-job quotas off: these stacks run several pair sets and trainings of one key on purpose
+    # (test_tenancy_e2e.py sets its own).
+    quotas = {"MIADPO_MAX_RUNNING_PAIRSETS_PER_KEY": "0", "MIADPO_MAX_RUNNING_TRAININGS_PER_KEY": "0"}
+    env.update(MIADPO_DATA_DIR=str(data_dir), REDIS_URL=redis_url, MIADPO_REDIS_URL=redis_url, **{**quotas, **extra})
     return env
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from core.exports import shard_path
 from core.store import ArtifactStore
 from tests.e2e.conftest import ROOT, Service, redis_db, service_env, wait_for
 from tests.e2e.test_workers_e2e import FAST
+from workers.models import BUILTINS
+from workers.models.builtin import ensure_builtin
 from workers.pipeline import read_records
 from workers.sample_data import write_sample_data
 
@@ -74,13 +77,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     )
     port = free_port()
     started: list[Service] = []
+    # A model only the API can see (its config, in the API's MIADPO_MODELS_DIR): accepted at create time,
+    # unknown to the workers, so a shard meets a user error (a deployment whose workers lag behind its API).
+    api_models = root / "api-models" / "api-only-model"
+    api_models.mkdir(parents=True)
+    shutil.copy(ensure_builtin(BUILTINS["tiny-llava"], root / "data") / "config.json", api_models / "config.json")
 
-    def start(args: list[str]) -> Service:
-        service = Service(args, env, root / f"{args[0]}-{len(started)}.log")
+    def start(args: list[str], **extra: str) -> Service:
+        service = Service(args, {**env, **extra}, root / f"{args[0]}-{len(started)}.log")
         started.append(service)
         return service
 
-    start(["api", "--port", str(port)])
+    start(["api", "--port", str(port)], MIADPO_MODELS_DIR=str(api_models.parent))
     start(["worker", "--queues", "cpu"])
     gpu = [start(["worker", "--queues", "gpu"]) for _ in range(2)]
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -353,10 +361,10 @@ def test_a_shard_whose_worker_was_killed_is_rerun_and_the_pairs_are_the_same(sta
 
 
 def test_a_user_error_in_a_shard_fails_the_pairset_and_stops_the_rest(stack: Stack) -> None:
-    ps = _create(stack, {**CONFIG, "model": "no-such-model"})
+    ps = _create(stack, {**CONFIG, "model": "api-only-model"})
     done = _wait_finished(stack, ps["id"], timeout=60)
     assert done["status"] == "failed" and done["error"]["code"] == "model_not_found", done
-    assert "no-such-model" in done["error"]["message"]
+    assert "api-only-model" in done["error"]["message"]
     num_shards = NUM // SHARD_SIZE
 
     def settled() -> dict[str, str] | None:
