@@ -314,7 +314,12 @@ class FairQueuesMixin:
     def _refresh_queues(self) -> None:
         names = list(self._base_queue_names)
         if GPU in names:
-            names += [n for n in key_queue_names(self.connection) if n not in names]  # type: ignore[attr-defined]
+            try:
+                keys = key_queue_names(self.connection)  # type: ignore[attr-defined]
+            except REDIS_DOWN:
+                # Redis is away: keep the queues we had; RQ's dequeue below waits for it to come back.
+                keys = [q.name for q in self.queues if q.name not in names]  # type: ignore[attr-defined]
+            names += [n for n in keys if n not in names]
         if self._last_served in names:
             at = names.index(self._last_served) + 1
             names = names[at:] + names[:at]
