@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -33,14 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-load progress bars between the rows
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from core.settings import Settings  # noqa: E402
 from workers.generate import PromptInput  # noqa: E402
 
 SEVEN_B = "llava-1.5-7b-shape"
+hf_logging.disable_progress_bar()  # no model-building progress bars between the rows
 METHODS = ("sdpa", "probe", "eager+attentions")
 ANSWER = "The first image shows a red car parked next to a tree."
 
