@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -33,14 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-load progress bars between the rows
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from core.settings import Settings  # noqa: E402
 from workers.generate import PromptInput  # noqa: E402
 
 SEVEN_B = "llava-1.5-7b-shape"
+hf_logging.disable_progress_bar()  # no model-building progress bars between the rows
 METHODS = ("sdpa", "probe", "eager+attentions")
 ANSWER = "The first image shows a red car parked next to a tree."
 
@@ -113,17 +114,11 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
 
         if case["method"] == "probe":
             family = handle.family
-            real_encode = family.encode
-            inner: list[float] = []
-
-            def timed_encode(*args: Any, **kwargs: Any) -> Any:
-                t0 = clock()
-                out = real_encode(*args, **kwargs)
-                inner.append(clock() - t0)
-                return out
 
             def run() -> None:
-                family.encode = timed_encode  # type: ignore[method-assign]
+                # The probe's own processor call answered with the inputs encoded above: the processor is
+                # timed apart, and neither its time nor its memory is the probe's.
+                family.encode = lambda *args, **kwargs: enc  # type: ignore[method-assign]
                 try:
                     attention.probe(handle, [prompt], [answer], layers=layers, batch_size=1)
                 finally:
@@ -150,8 +145,6 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
             t0 = clock()
             run()
             elapsed = clock() - t0
-            if case["method"] == "probe":
-                elapsed -= inner[-1]  # the processor is reported apart
             if i:
                 times.append(elapsed)
         peak = (torch.cuda.max_memory_allocated() if cuda
@@ -214,8 +207,9 @@ def main() -> None:
                   f"{_mib(probe['peak_bytes']):>10} {_mib(eager['peak_bytes']):>10}", flush=True)
             last = (sdpa, probe)
     print()
-    print("times: the model forward alone (probe: its forward + recording, its processor call excluded and shown")
-    print("as `processor`; proc. share = processor / (processor + probe)); peak: memory the forward adds (CPU:")
+    print("times: the model forward alone (probe: forward + recording + reading the rows out; its processor call")
+    print("is the `processor` column, in neither its time nor its memory; proc. share = processor / (processor +")
+    print("probe)); peak: memory the forward adds (CPU:")
     print("peak RSS rise, coarse at tiny sizes; GPU: max_memory_allocated rise). Only GPU times are absolute.")
     print()
     if last is None:

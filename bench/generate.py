@@ -20,7 +20,6 @@ is the ratio of ours at batch 16 to the official way, 4 images, on the largest m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -31,14 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-load progress bars between the rows
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from core.settings import Settings  # noqa: E402
 from workers.generate import GenerationConfig, PromptInput  # noqa: E402
 
 SEVEN_B = "llava-1.5-7b-shape"
+hf_logging.disable_progress_bar()  # no model-building progress bars between the rows
 
 
 def make_prompts(handle: Any, count: int, images: int, seed: int = 0) -> list[PromptInput]:
