@@ -7,6 +7,7 @@ trains when its pairs are done, shows progress bars for both, downloads the adap
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import signal
@@ -82,8 +83,22 @@ def stop_stack(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_demo(out: Path, url: str | None = None, api_key: str | None = None) -> int:
-    """Run the demo; return the exit code."""
+def demo_request(model: str | None = None, num: int | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """The demo's pair-set request, with its model, prompt count and training length changed where given."""
+    request = copy.deepcopy(PAIRSET_REQUEST)
+    if model is not None:
+        request["model"] = model
+    if num is not None:
+        request["augmentation"]["num"] = num
+    if max_steps is not None:
+        request["train"]["hyperparameters"]["max_steps"] = max_steps
+    return request
+
+
+def run_demo(
+    out: Path, url: str | None = None, api_key: str | None = None, *, request: dict[str, Any] | None = None
+) -> int:
+    """Run the demo (the pair-set request `demo_request()` unless given); return the exit code."""
     from workers.sample_data import write_sample_data
 
     console = Console()
@@ -95,14 +110,14 @@ def run_demo(out: Path, url: str | None = None, api_key: str | None = None) -> i
         raise FatalError("--url needs --api-key")
     try:
         with Client(url, api_key or "") as client:
-            return _demo(client, out, console, write_sample_data, started)
+            return _demo(client, out, console, write_sample_data, started, request or demo_request())
     finally:
         if proc is not None:
             with console.status("stopping the stack..."):
                 stop_stack(proc)
 
 
-def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, started: float) -> int:
+def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, started: float, request: dict[str, Any]) -> int:
     sample_dir = write_sample_data(out / "sample-data", num_samples=48, seed=0).parent
     dataset = client.upload_dataset(sample_dir, name="shapes (sample data)")
     with console.status("validating the dataset..."):
@@ -112,10 +127,10 @@ def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, s
         return 1
     console.print(f"dataset {dataset['id']}: {dataset['num_samples']} samples, {dataset['num_images']} images, {dataset['num_problems']} problems")
 
-    pairset = client.create_pairset(dataset_id=dataset["id"], **PAIRSET_REQUEST)
+    pairset = client.create_pairset(dataset_id=dataset["id"], **request)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("pairs", total=PAIRSET_REQUEST["augmentation"]["num"], info="queued")
+        task = progress.add_task("pairs", total=request["augmentation"]["num"], info="queued")
 
         def show_pairs(record: dict) -> None:
             progress.update(task, completed=record["progress"]["done"], total=record["progress"]["total"] or None, info=record["stage"] or record["status"])

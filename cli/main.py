@@ -174,9 +174,10 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job over the HTTP API on the bundled sample data, ending with a downloaded adapter."""
-    from cli.demo import run_demo
+    from cli.demo import demo_request, run_demo
 
-    return run_demo(Path(args.out), url=args.url, api_key=args.api_key)
+    request = demo_request(model=args.model, num=args.num, max_steps=args.max_steps)
+    return run_demo(Path(args.out), url=args.url, api_key=args.api_key, request=request)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo", help="Where the demo writes (stack data, sample data, adapter).")
     p.add_argument("--url", default=None, help="Use a running stack at this URL instead of starting one.")
     p.add_argument("--api-key", default=None, help="API key for --url.")
+    p.add_argument("--model", default=None, help="Model for the pair set and the training (default: the demo's).")
+    p.add_argument("--num", type=int, default=None, help="Augmented prompts (default: the demo's).")
+    p.add_argument("--max-steps", type=int, default=None, help="Stop the training after this many steps (default: its epochs).")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("api", help="Serve the HTTP API.")

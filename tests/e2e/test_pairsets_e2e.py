@@ -8,6 +8,7 @@ one process with the same config and seed), a cancelled one, and one whose worke
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import signal
@@ -29,11 +30,12 @@ from rq.worker import Worker
 
 from cli.services import free_port
 from core import jobs, records
-from core.client import zip_folder
+from core.client import ApiError, Client, zip_folder
 from core.exports import shard_path
 from core.store import ArtifactStore
 from tests.e2e.conftest import ROOT, Service, redis_db, service_env, wait_for
 from tests.e2e.test_workers_e2e import FAST
+from tests.pairs_check import check_pairs, read_shard_records, source_answers
 from workers.models import BUILTINS
 from workers.models.builtin import ensure_builtin
 from workers.pipeline import read_records
@@ -375,3 +377,78 @@ def test_a_user_error_in_a_shard_fails_the_pairset_and_stops_the_rest(stack: Sta
     assert statuses[jobs.pairset_merge_job_id(ps["id"])] == "canceled"  # never left waiting
     events = stack.client.get(f"/v1/pairsets/{ps['id']}/events", headers=A).json()["data"]
     assert "retry" not in [e["type"] for e in events]  # bad input is not retried
+
+
+def _sse_events(response: httpx.Response, on_event: Any = None) -> list[dict[str, Any]]:
+    """Read a server-sent event stream to its end, calling `on_event(event)` as each one arrives."""
+    events: list[dict[str, Any]] = []
+    for block in _sse_blocks(response):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "data" in fields:
+            event = json.loads(fields["data"])
+            assert (event["id"], event["type"]) == (fields["id"], fields["event"])
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+    return events
+
+
+def _sse_blocks(response: httpx.Response) -> Iterator[str]:
+    buffer = ""
+    for text in response.iter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            if block.strip():
+                yield block
+
+
+def test_the_client_follows_a_qwen_pairset_with_several_candidates_and_downloads_it(stack: Stack, tmp_path: Path) -> None:
+    """The README's client path on the other family: upload a folder, wait, create a pair set with 2 sampled
+    candidates per prompt, follow its event stream while it runs, wait, download; the pairs hold what they must."""
+    num, shard_size, candidates = 8, 4, 2
+    with Client(str(stack.client.base_url), KEY_A) as client:
+        dataset = client.upload_dataset(stack.dataset_dir, name="shapes via the client")
+        assert dataset["status"] == "validating"
+        dataset = client.wait_dataset(dataset["id"], poll_s=0.2, timeout_s=60)
+        assert (dataset["status"], dataset["num_samples"]) == ("ready", 12), dataset
+        with pytest.raises(ApiError) as info:
+            client.get("/v1/pairsets/ps_doesnotexist")
+        assert (info.value.status, info.value.code) == (404, "pairset_not_found")
+
+        ps = client.create_pairset(
+            dataset_id=dataset["id"], model="tiny-qwen2.5-vl", augmentation={"num": num}, shard_size=shard_size, seed=3,
+            generation={"max_new_tokens": 8, "batch_size": 2, "num_candidates": candidates, "temperature": 1.0},
+        )
+        # The stream, opened at once and read while the pair set runs; the state of the pair set is looked up
+        # as its first progress event arrives: the events come as it goes, not in one piece at the end.
+        status_at_first_progress: list[str] = []
+
+        def look(event: dict[str, Any]) -> None:
+            if event["type"] == "progress" and not status_at_first_progress:
+                status_at_first_progress.append(client.get(f"/v1/pairsets/{ps['id']}")["status"])
+
+        headers = {**A, "Accept": "text/event-stream"}
+        with stack.client.stream("GET", f"/v1/pairsets/{ps['id']}/events", headers=headers, timeout=180) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = _sse_events(r, look)  # ends by itself once the pair set has finished
+        assert status_at_first_progress == ["running"], events
+        assert events[0]["type"] == "created" and events[-1]["type"] == "status"
+        assert events[-1]["data"]["status"] == "succeeded", events[-1]
+        done_counts = [e["data"]["done"] for e in events if e["type"] == "progress"]
+        assert done_counts and done_counts == sorted(done_counts) and done_counts[-1] <= num  # (at most one per 2 s)
+
+        seen: list[dict[str, Any]] = []
+        done = client.wait_pairset(ps["id"], on_update=seen.append, poll_s=0.2, timeout_s=60)
+        assert done["status"] == "succeeded" and seen[-1] == done and done["model"] == "tiny-qwen2.5-vl"
+        assert done["counts"]["candidates"] == num * candidates and done["counts"]["pairs"] > 0
+        archive = client.download(f"/v1/pairsets/{ps['id']}/download", tmp_path / "pairs.tar.gz")
+    assert archive.read_bytes() == stack.client.get(f"/v1/pairsets/{ps['id']}/download", headers=A).content
+    assert not list(tmp_path.glob("*.part"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    rows = _rows(tmp_path / "x" / ps["id"] / "data")
+    assert len(rows) == done["counts"]["pairs"]
+    store = ArtifactStore(stack.data_dir)
+    shards = read_shard_records([shard_path(store, ps["id"], i) for i in range(num // shard_size)])
+    check_pairs(rows, shards, source_answers(stack.dataset_dir), candidates)
