@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck openapi bench bench-augment bench-train bench-attention bench-generate bench-api bench-method bench-scale clean
+.PHONY: install test demo lint typecheck openapi screenshots bench bench-augment bench-train bench-attention bench-generate bench-api bench-method bench-scale bench-viewer clean
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Two xdist workers (each with its own redis-server) and a random order (pytest-randomly prints its seed).
+# Two xdist workers (each with its own redis-server) and a random order (pytest-randomly prints its seed);
+# tests that share one costly stack are marked with an xdist_group, which loadgroup keeps on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(VENV)/bin/miadpo demo
@@ -51,8 +52,16 @@ bench-method: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py
 
+bench-viewer: $(STAMP)
+	$(PY) bench/viewer.py
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+
+# README screenshots of the viewer (docs/screenshots/*.png), from a real stack in headless Chromium; not part
+# of `make test`, which leaves the tree as it found it.
+screenshots: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/ui/screenshots.py
 
 openapi: $(STAMP)
 	$(PY) -m app.openapi openapi.yaml

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from redis import Redis
 
+from app import viewer
 from app.errors import install_error_handlers
 from app.guard import RequestGuard
 from app.metrics import Metrics, MetricsMiddleware
@@ -65,5 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pairsets.router)
     app.include_router(trainings.router)
     app.include_router(evaluations.router)
+    viewer.install(app)  # the web viewer under /ui/ (not in the OpenAPI document)
     install_openapi(app)  # last: the document covers every route
     return app

@@ -460,6 +460,49 @@ class PairList(BaseModel):
     has_more: bool
 
 
+class PromptCandidate(BaseModel):
+    """One generated answer to a prompt and how selection judged it."""
+
+    index: int = Field(description="0-based position among the prompt's candidates.")
+    text: str
+    num_tokens: int
+    finish_reason: str | None = Field(description="stop, or length when cut at max_new_tokens.")
+    ratio: float | None = Field(description="Its attention ratio (target / all), compared with the prompt's threshold.")
+    perplexity: float | None
+    hallucinated: bool = Field(description="The verdict: judged a hallucination (a rejected-answer candidate).")
+    reason: str | None = Field(description="Why it was (or was not) judged so.")
+    heatmap_urls: list[str] = Field(description="Per image, its attention drawn over the image (PNG); empty without stored attention.")
+
+
+class Prompt(BaseModel):
+    """One augmented prompt of a pair set, whether or not it became a pair."""
+
+    uid: str = Field(description="`{seed}-{index}`; use it as `after` for the next page.")
+    format: Literal["sequence", "grid", "pic_in_pic"]
+    n_images: int = Field(description="Source images in the prompt (cells of a grid; 2 for pic-in-pic).")
+    target_index: int
+    question: str = Field(description="The original question.")
+    prompt: str = Field(description="The rewritten user turn, `<image>` where each image goes.")
+    answer: str = Field(description="The ground truth (the chosen side of a pair).")
+    outcome: Literal["exported", "no_pair", "perplexity_gate", "perplexity", "length_ratio", "edit_distance"] = Field(
+        description="exported; no_pair (no candidate judged a hallucination); perplexity_gate; or the post-selection filter that removed the pair."
+    )
+    threshold: float | None = Field(description="The attention-ratio threshold of its format and image count.")
+    comparison: str = Field(description="How a ratio is compared with the threshold (`<=` or `<`) to judge a hallucination.")
+    attention_rows: str | None
+    rejected: int | None = Field(description="Index of the candidate chosen as the rejected answer, if any.")
+    stats: dict[str, float | None] | None = Field(description="The pair's perplexity, length_ratio, edit_distance (post-selection).")
+    image_urls: list[str] = Field(description="The images the model was given (one collage for grid and pic-in-pic), PNG.")
+    candidates: list[PromptCandidate]
+
+
+class PromptList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Prompt]
+    has_more: bool
+    total: int = Field(description="Prompts matching the filters, in all.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainings
 

@@ -546,7 +546,7 @@ def run_up(settings: Settings, *, host: str, port: int, data_dir: Path | None = 
         started.append(subprocess.Popen([*cli, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True))
         started.append(subprocess.Popen([*cli, "worker", "--queues", f"{CPU},{GPU}"], env=env, start_new_session=True))
         started.append(subprocess.Popen([*cli, "trainer"], env=env, start_new_session=True))
-        print(f"miadpo up: API on http://{host}:{port}, worker on {CPU},{GPU}, trainer on {TRAIN}; Ctrl-C stops", flush=True)
+        print(f"miadpo up: API on http://{host}:{port} (viewer: http://{host}:{port}/ui/), worker on {CPU},{GPU}, trainer on {TRAIN}; Ctrl-C stops", flush=True)
         while not stop_requested:
             dead = [p for p in started if p.poll() is not None]
             if dead:

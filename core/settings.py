@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="API keys accepted as `Authorization: Bearer <key>`: a comma list, or @/path/file (one per line).",
     )
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key is remembered (s).")
+    ui_session_ttl_s: int = Field(8 * 3600, gt=0, description="How long a web viewer sign-in lasts (s).")
+    ui_secure_cookie: bool = Field(
+        False, description="Mark the viewer's session cookie Secure even when the request looks like plain HTTP "
+        "(behind a TLS-terminating proxy); over HTTPS it always is."
+    )
     max_problems_listed: int = Field(
         100, ge=0, description="Most per-row problems kept in a dataset record (the count is always exact)."
     )

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from core.dataset import Sample
+from core.prompts import IndexWriter, iter_records
 from core.store import atomic_writer
 from workers.attention import ROWS, ProbeResult, probe, recipe_ratio
 from workers.augment import FORMATS, AugmentMix, Recipe, make_recipes
@@ -419,6 +420,7 @@ def merge_and_export(
     fit: Fit,
     rows_per_shard: int = 500,
     on_stage: Callable[[str], None] | None = None,
+    index_path: Path | None = None,
 ) -> MergeResult:
     """Post-select over the whole pair set and export the survivors with their dataset card.
 
@@ -430,6 +432,8 @@ def merge_and_export(
         fit: the model family's image fitting (`model_fit`): the export stores what the model saw.
         rows_per_shard: rows per parquet shard.
         on_stage: called with "select" before the statistics pass and "export" before the export pass.
+        index_path: where to write the prompt index (`core.prompts`): every prompt's place in the shard
+            records and its outcome, so a viewer pages through them without reading them all.
 
     Returns:
         Counts, fences and per-format pair counts.
@@ -465,9 +469,11 @@ def merge_and_export(
     kept_stats: list[PairStats] = []
     # Why each prompt has a pair or not: every candidate's ratio, perplexity and verdict, and the
     # post-selection outcome; shipped with the export (candidates.jsonl) and described in the card.
+    index = IndexWriter()
     with atomic_writer(Path(out_dir) / "candidates.jsonl", "w") as explain:
-        for rec in read_records(shard_paths):
+        for shard, offset, length, rec in iter_records(shard_paths):
             outcome = _outcome(rec, fences)
+            index.add(shard, offset, length, rec, outcome)
             explain.write(json.dumps(_explanation(rec, outcome), ensure_ascii=False) + "\n")
             if outcome != "exported":
                 if outcome in removed:
@@ -478,6 +484,8 @@ def merge_and_export(
             per_format[rec["recipe"]["format"]][len(rec["recipe"]["images"])] += 1
             kept_stats.append(s)
     writer.close()
+    if index_path is not None:
+        index.write(index_path)
     summary = {
         "prompts": counts["prompts"],
         "candidates": counts["candidates"],

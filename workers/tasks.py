@@ -33,7 +33,7 @@ from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from core import evaluations, images, jobs, records, trainings
+from core import evaluations, images, jobs, prompts, records, trainings
 from core.dataset import Sample, dataset_dir, read_samples
 from core.errors import FatalError, MiadpoError, NotFoundError, TransientError, UserError
 from core.exports import archive_path, export_dir, shard_path
@@ -380,7 +380,10 @@ def merge_pairset(pairset_id: str) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         family, processor = load_processor(config.model, settings)  # no weights: only the image fitting
-        result = merge_and_export(paths, config, staging, store_loader(store), model_fit(family, processor), on_stage=on_stage)
+        result = merge_and_export(
+            paths, config, staging, store_loader(store), model_fit(family, processor), on_stage=on_stage,
+            index_path=prompts.index_path(store, pairset_id),
+        )
         archive_path(store, pairset_id).unlink(missing_ok=True)  # built from an earlier export
         if out.exists():
             shutil.rmtree(out)

@@ -5,20 +5,30 @@ here with pyarrow only (`core.exports`)."""
 from __future__ import annotations
 
 import shutil
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from redis import Redis
 
 from app import admission
+from app import prompts as prompt_views
 from app.deps import CurrentKey, IdempotencyKey, PageDep, RedisDep, SettingsDep, StoreDep
 from app.downloads import BINARY as _BINARY
 from app.downloads import JSON_ERRORS as _JSON_ERRORS
 from app.downloads import ArchiveResponse, archive_responses
 from app.events import EventsQueryDep, events_response, events_responses
 from app.idempotency import fingerprint, run_once
-from app.schemas import Deleted, ErrorResponse, EventList, PairList, PairSet, PairSetCreate, PairSetList
-from core import exports, jobs, records
+from app.schemas import (
+    Deleted,
+    ErrorResponse,
+    EventList,
+    PairList,
+    PairSet,
+    PairSetCreate,
+    PairSetList,
+    PromptList,
+)
+from core import exports, jobs, prompts, records
 from core.errors import ConflictError, NotFoundError
 from core.settings import Settings
 from core.store import ArtifactStore
@@ -220,3 +230,69 @@ def delete_pairset(pairset_id: PairSetId, key: CurrentKey, redis: RedisDep, stor
     records.delete(redis, records.PAIRSET, record)
     shutil.rmtree(exports.pairset_dir(store, pairset_id), ignore_errors=True)
     return {"id": pairset_id, "object": "pairset", "deleted": True}
+
+
+@router.get("/{pairset_id}/prompts", response_model=PromptList, responses=_FINISHED_RESPONSES)
+def list_prompts(
+    pairset_id: PairSetId,
+    key: CurrentKey,
+    redis: RedisDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Prompts per page.")] = 20,
+    after: Annotated[str | None, Query(max_length=64, pattern=r"^\d+-\d+$", description="Cursor: the last uid of the previous page.")] = None,
+    format: Annotated[
+        Literal["sequence", "grid", "pic_in_pic"] | None, Query(description="Only prompts of this format.")
+    ] = None,
+    n_images: Annotated[int | None, Query(ge=1, le=64, description="Only prompts with this many source images.")] = None,
+    outcome: Annotated[
+        Literal["exported", "no_pair", "perplexity_gate", "perplexity", "length_ratio", "edit_distance"] | None,
+        Query(description="Only prompts with this outcome."),
+    ] = None,
+) -> dict[str, Any]:
+    """Every prompt of a succeeded pair set, paired or not, in order: the question and answer, each candidate's
+    ratio against the threshold and its verdict, the outcome, image and heat-map URLs; filters and a cursor."""
+    prompt_views.succeeded_pairset(redis, pairset_id, key.owner)
+    data, has_more, total = prompt_views.page(
+        store, pairset_id, prompts.Filters(format=format, n_images=n_images, outcome=outcome), limit=limit, after=after
+    )
+    return {"object": "list", "data": data, "has_more": has_more, "total": total}
+
+
+_PROMPT_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The image, PNG.", "content": {"image/png": _BINARY}},
+    **_JSON_ERRORS,
+}
+
+
+@router.get("/{pairset_id}/prompts/{uid}/images/{index}", response_class=PngResponse, responses=_PROMPT_IMAGE_RESPONSES)
+def get_prompt_image(
+    pairset_id: PairSetId,
+    uid: PairUid,
+    index: Annotated[int, Path(ge=0, le=64, description="0-based position of the image the model was given.")],
+    key: CurrentKey,
+    redis: RedisDep,
+    store: StoreDep,
+) -> Response:
+    """One image of a prompt (a sequence's image, or the grid / pic-in-pic collage), rendered on request and cached."""
+    prompt_views.succeeded_pairset(redis, pairset_id, key.owner)
+    return PngResponse(prompt_views.image_png(store, pairset_id, uid, index), headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get(
+    "/{pairset_id}/prompts/{uid}/candidates/{candidate}/heatmaps/{index}",
+    response_class=PngResponse,
+    responses=_PROMPT_IMAGE_RESPONSES,
+)
+def get_prompt_heatmap(
+    pairset_id: PairSetId,
+    uid: PairUid,
+    candidate: Annotated[int, Path(ge=0, le=64, description="0-based position of the candidate.")],
+    index: Annotated[int, Path(ge=0, le=64, description="0-based position of the image the model was given.")],
+    key: CurrentKey,
+    redis: RedisDep,
+    store: StoreDep,
+) -> Response:
+    """A candidate's attention over one image of its prompt (the target outlined), PNG, rendered on request and cached."""
+    prompt_views.succeeded_pairset(redis, pairset_id, key.owner)
+    data = prompt_views.heatmap_png(store, pairset_id, uid, candidate, index)
+    return PngResponse(data, headers={"Cache-Control": "private, max-age=86400"})
