@@ -60,7 +60,8 @@ NO_ATTENTION = SelectionConfig(thresholds={f: dict.fromkeys(counts, 1.0) for f, 
 
 
 def _dataset(root: Path, store: ArtifactStore, name: str, num: int, seed: int) -> list[Any]:
-    write_sample_data(root / name, num_samples=num, seed=seed)
+    # The `single` style: what shapes-llava was trained on (other seeds than its training data: held out).
+    write_sample_data(root / name, num_samples=num, seed=seed, style="single")
     ingest(root / name, store, name, limits=LIMITS)
     return read_samples(store, name)
 
@@ -90,6 +91,11 @@ def _train(model: str, export: Path, out: Path, hp: Any, settings: Settings) -> 
     return result.adapter_dir, result.metrics
 
 
+def _progress(timings: dict[str, float], started: float) -> None:
+    name, seconds = list(timings.items())[-1]
+    print(f"[{time.perf_counter() - started:6.0f} s] {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
 def _pct(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:5.1f}"
 
@@ -102,7 +108,7 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=300, help="Images of the held-out dataset.")
     parser.add_argument("--pairs", type=int, default=600, help="Prompts the pipeline answers to make pairs.")
     parser.add_argument("--eval", type=int, default=240, help="Held-out multi-image prompts (each sample is also asked alone).")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="Answers are one word (' triangle</s>' is 10 tokens).")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -144,6 +150,7 @@ def main() -> int:
         t = time.perf_counter()
         results: dict[str, dict[str, Any]] = {"base": _evaluate(args.model, None, eval_samples, eval_config, load, settings)}
         timings["evaluate base"] = time.perf_counter() - t
+        _progress(timings, started)
         runs = {
             "mia-dpo": (pair_config, hp),
             "no attention": (replace(pair_config, selection=NO_ATTENTION), hp),
@@ -158,13 +165,16 @@ def main() -> int:
                 counts[key] = _pairs(args.model, train_samples, config, load, root / f"pairs-{key}", settings)
                 made[key] = root / f"pairs-{key}" / "export"
             timings[f"pairs ({key})"] = timings.get(f"pairs ({key})", 0.0) + time.perf_counter() - t
+            _progress(timings, started)
             t = time.perf_counter()
             adapter, metrics = _train(args.model, made[key], root / f"train-{name}", run_hp, settings)
             timings[f"train {name}"] = time.perf_counter() - t
+            _progress(timings, started)
             t = time.perf_counter()
             results[name] = _evaluate(args.model, adapter, eval_samples, eval_config, load, settings)
             results[name]["train_metrics"] = metrics
             timings[f"evaluate {name}"] = time.perf_counter() - t
+            _progress(timings, started)
 
     columns = list(results)
     formats = [f for f in FORMATS if f in results["base"]["multi_image"]["per_format"]]

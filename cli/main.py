@@ -25,7 +25,7 @@ def _csv(value: str) -> list[str]:
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from workers.sample_data import write_sample_data
 
-    path = write_sample_data(Path(args.dir), num_samples=args.num, seed=args.seed)
+    path = write_sample_data(Path(args.dir), num_samples=args.num, seed=args.seed, style=args.style)
     print(f"wrote {args.num} samples: {path}")
     return 0
 
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="Output folder.")
     p.add_argument("--num", type=int, default=64, help="Number of images.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--style", choices=("scenes", "single"), default="scenes",
+        help="scenes: 1-3 shapes, sentence answers; single: one large shape, one-word colour/shape answers (shapes-llava's data).",
+    )  # fmt: skip
     p.set_defaults(func=cmd_sample_data)
 
     p = sub.add_parser("augment", help="Turn a single-image dataset into rendered multi-image prompts.")

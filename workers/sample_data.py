@@ -3,6 +3,14 @@
 Every image is drawn from a scene description, and every question is answered from that same
 description, so the answers are correct by construction: this is real data for the demo and the
 tests, not noise.
+
+Two styles:
+- `scenes` (default): 1-3 shapes in horizontal thirds, counting / colour / position questions, sentence answers.
+- `single`: one large shape on a plain background, two questions ("What color is the shape?", "What shape
+  is in the image?") answered with one word. What the built-in `shapes-llava` is trained on: a model small
+  enough to train on a CPU learns it (the `scenes` style defeated a 0.87 M-parameter spike, DESIGN 6), every
+  sample of a question kind asks the same text (so evaluation distractors always have a truth), and the
+  shape is still several patches wide in a 3x3 grid collage.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ SLOTS = ("left", "middle", "right")
 SLOT_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}  # horizontal thirds; at most one shape per slot keeps positions unambiguous
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 WIDTH, HEIGHT = 384, 288
+STYLES = ("scenes", "single")
+SINGLE_SIDE = 256  # `single` style: square images (no padding to a square, the shape fills the model's view)
+SINGLE_QUESTIONS = ("What color is the shape?", "What shape is in the image?")
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,11 @@ def _scene(rng: random.Random) -> tuple[tuple[int, int, int], list[Shape]]:
 
 def _draw(background: tuple[int, int, int], shapes: list[Shape]) -> Image.Image:
     img = Image.new("RGB", (WIDTH, HEIGHT), background)
+    _draw_shapes(img, shapes)
+    return img
+
+
+def _draw_shapes(img: Image.Image, shapes: list[Shape]) -> None:
     draw = ImageDraw.Draw(img)
     for s in shapes:
         box = (s.cx - s.radius, s.cy - s.radius, s.cx + s.radius, s.cy + s.radius)
@@ -65,7 +81,6 @@ def _draw(background: tuple[int, int, int], shapes: list[Shape]) -> Image.Image:
             draw.rectangle(box, fill=fill)
         else:
             draw.polygon([(s.cx, s.cy - s.radius), (s.cx - s.radius, s.cy + s.radius), (s.cx + s.radius, s.cy + s.radius)], fill=fill)
-    return img
 
 
 def _questions(shapes: list[Shape]) -> list[tuple[str, str]]:
@@ -91,27 +106,53 @@ def _questions(shapes: list[Shape]) -> list[tuple[str, str]]:
     return qa
 
 
-def write_sample_data(out_dir: Path, num_samples: int = 64, seed: int = 0) -> Path:
+def _single_scene(rng: random.Random) -> tuple[tuple[int, int, int], Shape]:
+    """A light plain background and one large shape (radius 26-38 % of the side) anywhere it fits whole."""
+    background = tuple(rng.randint(225, 250) for _ in range(3))
+    radius = rng.randint(SINGLE_SIDE * 26 // 100, SINGLE_SIDE * 38 // 100)
+    cx = rng.randint(radius + 4, SINGLE_SIDE - radius - 4)
+    cy = rng.randint(radius + 4, SINGLE_SIDE - radius - 4)
+    return background, Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), "middle", cx, cy, radius)  # type: ignore[return-value]
+
+
+def single_shape_questions(shape: Shape) -> list[tuple[str, str]]:
+    """The `single` style's questions with their one-word answers."""
+    return [(SINGLE_QUESTIONS[0], shape.color), (SINGLE_QUESTIONS[1], shape.kind)]
+
+
+def write_sample_data(out_dir: Path, num_samples: int = 64, seed: int = 0, style: str = "scenes") -> Path:
     """Write `num_samples` LLaVA-format samples (JPEG images + llava.json) into out_dir.
 
     Args:
         out_dir: folder to create; holds `llava.json` and `images/`.
         num_samples: how many images (one sample each, two question turns when the scene has them).
         seed: the same seed gives the same files.
+        style: `scenes` (1-3 shapes, sentence answers) or `single` (one large shape, one-word answers;
+            which question comes first, i.e. the one pairs and evaluations use, is drawn per sample).
 
     Returns:
         The path of the JSON file.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(num_samples):
-        background, shapes = _scene(rng)
         name = f"images/shapes_{i:04d}.jpg"
-        _draw(background, shapes).save(out_dir / name, format="JPEG", quality=90)
-        qa = _questions(shapes)
-        picked = rng.sample(qa, min(2, len(qa)))
+        if style == "single":
+            background, shape = _single_scene(rng)
+            img = Image.new("RGB", (SINGLE_SIDE, SINGLE_SIDE), background)
+            _draw_shapes(img, [shape])
+            img.save(out_dir / name, format="JPEG", quality=90)
+            picked = single_shape_questions(shape)
+            rng.shuffle(picked)
+        else:
+            background, shapes = _scene(rng)
+            _draw(background, shapes).save(out_dir / name, format="JPEG", quality=90)
+            qa = _questions(shapes)
+            picked = rng.sample(qa, min(2, len(qa)))
         conversations = []
         for turn, (q, a) in enumerate(picked):
             conversations.append({"from": "human", "value": f"<image>\n{q}" if turn == 0 else q})

@@ -74,3 +74,26 @@ def test_sample_data_is_deterministic(tmp_path):
     b = write_sample_data(tmp_path / "b", num_samples=5, seed=1)
     assert a.read_text() == b.read_text()
     assert (tmp_path / "a/images/shapes_0003.jpg").read_bytes() == (tmp_path / "b/images/shapes_0003.jpg").read_bytes()
+
+
+def test_single_style_answers_what_the_pixels_show(tmp_path):
+    """`single` style (shapes-llava's data): one large shape, one-word colour and shape answers, both asked."""
+    path = write_sample_data(tmp_path, num_samples=24, seed=5, style="single")
+    rows = json.loads(path.read_text())
+    first_kinds = set()
+    for row in rows:
+        img = Image.open(tmp_path / row["image"])
+        assert img.size[0] == img.size[1]
+        arr = np.asarray(img.convert("RGB")).astype(int)
+        masks = {c: np.abs(arr - np.array(rgb)).sum(axis=2) < 60 for c, rgb in COLORS.items()}
+        color = max(masks, key=lambda c: masks[c].sum())
+        mask = masks[color]
+        assert mask.sum() > 0.1 * mask.size  # one large shape
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+        conv = row["conversations"]
+        answers = {h["value"].replace("<image>\n", ""): g["value"] for h, g in zip(conv[::2], conv[1::2], strict=True)}
+        assert answers == {"What color is the shape?": color, "What shape is in the image?": shape}
+        first_kinds.add(conv[0]["value"])
+    assert len(first_kinds) == 2  # either question may come first (the one pairs and evaluations ask)
