@@ -41,7 +41,8 @@ class ArchiveResponse(FileResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         http_range = Headers(scope=scope).get("range")
         if http_range is not None and scope["method"].upper() in ("GET", "HEAD"):
-            size = (self.stat_result or await anyio.to_thread.run_sync(os.stat, self.path)).st_size
+            stat = self.stat_result if self.stat_result is not None else await anyio.to_thread.run_sync(os.stat, self.path)
+            size = stat.st_size
             try:
                 self._parse_range_header(http_range, size)
             except RangeNotSatisfiable:

@@ -527,7 +527,7 @@ def make_backend(config: PipelineConfig, handle: Any, *, api_key: str | None = N
         from workers.backends.openai import OpenAIBackend
 
         return OpenAIBackend(
-            base_url=config.base_url or "", model=config.model, api_key=api_key, reader=handle.answer_reader(), name=config.endpoint
+            base_url=config.base_url or "", model=config.model, api_key=api_key, reader=handle.answer_reader(), endpoint=config.endpoint
         )
     from workers.backends.vllm import VLLMBackend
     from workers.models import resolve_model
