@@ -26,8 +26,11 @@ def test_services_and_their_roles():
     assert set(services) == {"redis", "api", "vllm", "worker", "worker-cpu", "trainer"}
     assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
     assert services["worker"]["command"][-1] == "gpu" and services["worker-cpu"]["command"][-1] == "cpu"
-    assert services["worker"]["environment"]["MIADPO_GENERATION_BACKEND"] == "openai"
-    assert services["worker"]["environment"]["MIADPO_OPENAI_BASE_URL"] == "http://vllm:8000/v1"
+    for name in ("api", "worker", "worker-cpu"):  # the names tenants may use, the same for every service
+        env = services[name]["environment"]
+        assert env["MIADPO_GENERATION_BACKEND"] == "openai" and env["MIADPO_MODELS_DIR"] == "/models", name
+        assert env["MIADPO_GENERATION_ENDPOINTS"] == "${MIADPO_GENERATION_ENDPOINTS:-vllm=http://vllm:8000/v1}", name
+        assert env["MIADPO_GENERATION_ENDPOINT"] == "${MIADPO_GENERATION_ENDPOINT:-vllm}", name
     vllm = " ".join(services["vllm"]["command"])
     assert "--limit-mm-per-prompt" in vllm and "--chat-template" in vllm and "healthcheck" in services["vllm"]
     assert "llava.jinja" in vllm
@@ -185,7 +188,9 @@ def test_a_cpu_host_serves_generation_with_transformers_serve_and_reserves_no_gp
 
     worker = services["worker"]
     assert worker["environment"]["MIADPO_GENERATION_BACKEND"] == "openai"
-    assert worker["environment"]["MIADPO_OPENAI_BASE_URL"] == "http://transformers-serve:8000/v1"
+    for name in ("api", "worker", "worker-cpu"):
+        assert services[name]["environment"]["MIADPO_GENERATION_ENDPOINTS"] == "transformers-serve=http://transformers-serve:8000/v1"
+        assert services[name]["environment"]["MIADPO_GENERATION_ENDPOINT"] == "transformers-serve"
     assert worker["depends_on"]["transformers-serve"]["condition"] == "service_healthy"
     assert worker["deploy"]["replicas"] == "${MIADPO_GPU_WORKERS:-1}"
     for name in ("worker", "trainer"):
