@@ -18,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from core import records
+from core import images, records
 from core.errors import InvalidValueError, QuotaError, UserError
 from core.settings import Settings
 from core.store import ArtifactStore
@@ -158,10 +158,12 @@ def _size(path: Path) -> int:
 
 
 def storage_of(r: Redis, store: ArtifactStore, owner: str) -> int:
-    """Bytes the key's resources hold in the store (a dataset's images counted as its manifest says)."""
+    """Bytes the key's resources hold in the store; a dataset's images count in full for each dataset using
+    them (as counted at ingest, `core.images`)."""
     total = 0
     for dataset_id in records.ids_of(r, records.DATASET, owner):
         total += _size(store.path("datasets", dataset_id)) + _size(store.path("uploads", dataset_id))
+        total += images.image_bytes(r, dataset_id)
     for pairset_id in records.ids_of(r, records.PAIRSET, owner):
         total += _size(store.path("pairsets", pairset_id))
     for training_id in records.ids_of(r, records.TRAINING, owner):

@@ -26,6 +26,15 @@ def _counted_key(dataset_id: str) -> str:
     return f"miadpo:image-refs:dataset:{dataset_id}"  # the refs a dataset counted (and whether it did)
 
 
+def _bytes_key(dataset_id: str) -> str:
+    return f"miadpo:image-refs:bytes:{dataset_id}"  # the bytes of a dataset's images, for the storage quota
+
+
+def image_bytes(r: Redis, dataset_id: str) -> int:
+    """Bytes of the images a dataset uses (each counted whole, shared or not); 0 before it was counted."""
+    return int(r.get(_bytes_key(dataset_id)) or 0)
+
+
 def dataset_refs(store: ArtifactStore, dataset_id: str) -> set[str]:
     return {sample.image for sample in iter_samples(store, dataset_id)}
 
@@ -46,7 +55,9 @@ def acquire(r: Redis, store: ArtifactStore, dataset_id: str, refs: Iterable[str]
                 f"{len(missing)} image(s) of dataset {dataset_id} were removed while it was ingested; retrying",
                 code="images_removed",
             )
+        size = sum(store.image_path(ref).stat().st_size for ref in refs)
         with r.pipeline() as pipe:
+            pipe.set(_bytes_key(dataset_id), size)
             for ref in refs:
                 pipe.hincrby(REFS, ref, 1)
             if refs:
@@ -70,5 +81,5 @@ def release(r: Redis, store: ArtifactStore, dataset_id: str) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     store.image_path(ref).unlink()
                     removed += 1
-        r.delete(key)
+        r.delete(key, _bytes_key(dataset_id))
     return removed

@@ -27,7 +27,7 @@ from redis import Redis
 from rq.job import Job
 
 from cli.services import free_port
-from core import jobs
+from core import jobs, records
 from core.client import zip_folder
 from tests.e2e.conftest import Service, redis_db, service_env, wait_for
 from tests.e2e.test_workers_e2e import FAST
@@ -366,3 +366,17 @@ def test_delete_removes_files_and_images_are_counted(stack: Stack, tmp_path: Pat
     assert stack.client.delete(f"/v1/datasets/{ids[1]}", headers=B).status_code == 200
     assert not any(_image(stack, ref).exists() for ref in refs - shared)
     assert all(_image(stack, ref).is_file() for ref in refs & shared)
+
+
+def test_a_datasets_images_count_towards_its_keys_storage(stack: Stack) -> None:
+    from app.admission import storage_of
+    from core.store import ArtifactStore
+
+    dataset_id = stack.datasets[KEY_A]
+    store = ArtifactStore(stack.data_dir)
+    owner = records.owner_of(KEY_A)
+    refs = _refs(stack, dataset_id)
+    images_bytes = sum(_image(stack, ref).stat().st_size for ref in refs)
+    dataset_bytes = sum(p.stat().st_size for p in (stack.data_dir / "datasets" / dataset_id).rglob("*") if p.is_file())
+    assert images_bytes > 0
+    assert storage_of(stack.conn, store, owner) >= images_bytes + dataset_bytes
