@@ -306,3 +306,14 @@ def test_the_served_model_answers_as_the_in_process_hf_backend(server, tiny_llav
         [(c.text, c.finish_reason) for c in cands] for cands in direct
     ]
     assert len({cands[0].text for cands in remote}) == len(batch)  # real, different answers
+
+
+def test_the_pipeline_hands_the_endpoint_name_to_the_backend(tiny_llava):
+    from workers.pipeline import PipelineConfig, make_backend
+
+    config = PipelineConfig(backend="openai", base_url="http://127.0.0.1:9/v1", endpoint="local")
+    backend = make_backend(config, tiny_llava)
+    try:
+        assert isinstance(backend, OpenAIBackend) and backend._where == "generation endpoint 'local'"
+    finally:
+        backend.close()
