@@ -323,6 +323,10 @@ def test_two_keys_share_the_gpu_worker_fairly_and_quotas_hold(stack: Stack) -> N
     # At most one of A's shards started between B's shard being queued and starting: the one that may have
     # been picked in the instant between the two.
     assert b_shard.started_at <= after[min(1, len(after) - 1)], (b_shard.enqueued_at, b_shard.started_at, a_started)
+    gaps = [(b - a).total_seconds() for a, b in zip(a_started, a_started[1:], strict=False)]
+    waited = (b_shard.started_at - b_shard.enqueued_at).total_seconds()
+    print(f"B's shard started {waited:.1f} s after it was queued; A's shards start {min(gaps):.1f}-{max(gaps):.1f} s apart; "
+          f"A's shards started before B's was queued {len(before)}, between queued and started {sum(t < b_shard.started_at for t in after)}")
     assert stack.client.post(f"/v1/pairsets/{large}/cancel", headers=A).status_code in (200, 409)  # done with it
 
 
