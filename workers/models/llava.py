@@ -304,6 +304,7 @@ def _resize_hw(size: Any, height: int, width: int) -> tuple[int, int]:
 
 
 FAMILY = LlavaFamily()
+SHAPES_LLAVA_DIR = Path(__file__).parent / "shapes_llava"  # package data: weights (fp16), processor, training.json
 BUILTINS = (
     BuiltinModel(
         "tiny-llava",
@@ -316,5 +317,13 @@ BUILTINS = (
         FAMILY.name,
         "tiny-llava saved as llava-hf ships LLaVA-1.5: centre-cropping CLIP processor, images-first chat template",
         build=lambda path, seed: build_tiny_llava(path, seed, chat_template=LLAVA_HF_TEMPLATE),
+    ),
+    BuiltinModel(
+        "shapes-llava",
+        FAMILY.name,
+        "LLaVA-1.5 architecture trained on the sample generator's `single` style (colour and shape of one "
+        "large shape, one-word answers) plus multi-image prompts answered about a random image: it answers "
+        "single-image prompts and confuses images on multi-image ones (scripts/train_shapes_model.py)",
+        packaged=SHAPES_LLAVA_DIR,
     ),
 )
