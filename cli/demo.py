@@ -1,8 +1,10 @@
 """`miadpo demo`: the main job end to end over the HTTP API, on the bundled sample data.
 
 Starts the embedded stack (its own redis-server, the API, a worker and a trainer, logs in a file) unless
-given `--url`, writes the synthetic shapes dataset, uploads it, makes a pair set with `tiny-llava` that
-trains when its pairs are done, shows progress bars for both, downloads the adapter and prints a summary.
+given `--url`, writes the synthetic shapes data (`single` style) twice, a training dataset and a held-out
+one (another seed), uploads both, makes a pair set with the built-in trained `shapes-llava` that trains
+when its pairs are done and then evaluates the base model and the adapter on the held-out prompts, shows
+progress bars, downloads the adapter and ends with the base vs adapter accuracies side by side.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ from core.client import Client
 from core.errors import FatalError
 
 # Small enough for a 2-core laptop in a few minutes, large enough that every format shows up.
+DEMO_SAMPLES = 48  # images of the training dataset and of the held-out one
 PAIRSET_REQUEST: dict[str, Any] = {
-    "model": "tiny-llava",
+    "model": "shapes-llava",
     "augmentation": {"num": 96},
-    "generation": {"max_new_tokens": 16, "batch_size": 8},
-    "shard_size": 32,
+    "generation": {"max_new_tokens": 12, "batch_size": 16},
+    "shard_size": 48,
     "seed": 0,
     "train": {
-        "hyperparameters": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 5e-4, "num_epochs": 1, "per_device_batch_size": 2},
-        "checkpoint_every": 10,
+        "hyperparameters": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4, "num_epochs": 2, "per_device_batch_size": 8},
+        "checkpoint_every": 100,
+        # filled in with the held-out dataset's id
+        "evaluation": {"num": 48, "max_new_tokens": 12, "batch_size": 16, "seed": 0},
     },
 }
 
@@ -117,16 +122,28 @@ def run_demo(
                 stop_stack(proc)
 
 
-def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, started: float, request: dict[str, Any]) -> int:
-    sample_dir = write_sample_data(out / "sample-data", num_samples=48, seed=0).parent
-    dataset = client.upload_dataset(sample_dir, name="shapes (sample data)")
-    with console.status("validating the dataset..."):
+def _upload(client: Client, console: Console, folder: Path, name: str) -> dict[str, Any] | None:
+    dataset = client.upload_dataset(folder, name=name)
+    with console.status(f"validating the dataset {name!r}..."):
         dataset = client.wait_dataset(dataset["id"])
     if dataset["status"] != "ready":
         console.print(f"[red]dataset failed:[/red] {dataset['error']}")
-        return 1
-    console.print(f"dataset {dataset['id']}: {dataset['num_samples']} samples, {dataset['num_images']} images, {dataset['num_problems']} problems")
+        return None
+    console.print(f"dataset {dataset['id']} ({name}): {dataset['num_samples']} samples, {dataset['num_images']} images, {dataset['num_problems']} problems")
+    return dataset
 
+
+def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, started: float, request: dict[str, Any]) -> int:
+    # Two draws of the generator: pairs are made on one, the evaluation asks the other (held out).
+    train_dir = write_sample_data(out / "sample-data", num_samples=DEMO_SAMPLES, seed=0, style="single").parent
+    heldout_dir = write_sample_data(out / "heldout-data", num_samples=DEMO_SAMPLES, seed=1, style="single").parent
+    dataset = _upload(client, console, train_dir, "shapes (sample data)")
+    heldout = _upload(client, console, heldout_dir, "shapes (held out)")
+    if dataset is None or heldout is None:
+        return 1
+
+    request = copy.deepcopy(request)
+    request["train"]["evaluation"]["dataset_id"] = heldout["id"]
     pairset = client.create_pairset(dataset_id=dataset["id"], **request)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -151,9 +168,11 @@ def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, s
             progress.update(train_task, completed=p["step"], total=p["total_steps"] or None, info=info)
 
         training = client.wait_training(pairset["training_id"], on_update=show_training)
-    if training["status"] != "succeeded":
-        console.print(f"[red]training {training['status']}:[/red] {training['error']}")
-        return 1
+        if training["status"] != "succeeded":
+            console.print(f"[red]training {training['status']}:[/red] {training['error']}")
+            return 1
+        eval_task = progress.add_task("evaluation", total=2, info="base model and adapter")
+        training = _wait_evaluation(client, training["id"], lambda n: progress.update(eval_task, completed=n))
 
     archive = client.download(f"/v1/trainings/{training['id']}/adapter", out / "adapter.tar.gz")
     adapter_dir = out / "adapter"
@@ -169,8 +188,46 @@ def _demo(client: Client, out: Path, console: Console, write_sample_data: Any, s
     metrics = training["metrics"]
     console.print(f"[bold]training {training['id']}[/bold]: {training['progress']['step']} steps, final reward accuracy {metrics.get('rewards/accuracies', float('nan')):.2f}, loss {metrics.get('loss', float('nan')):.3f}")
     console.print(f"  adapter: {adapter_dir.resolve()} (load it with peft.PeftModel.from_pretrained)")
+    evaluation = training.get("evaluation") or {}
+    entries = [evaluation.get(k) or {} for k in ("base", "adapter")]
+    if not all(e.get("status") == "succeeded" for e in entries):
+        console.print(f"[red]evaluation did not succeed:[/red] base {entries[0].get('status')}, adapter {entries[1].get('status')}")
+        return 1
+    console.print()
+    for line in accuracy_table(entries[0]["result"], entries[1]["result"], evaluation["request"]["num"]):
+        console.print(line)
     console.print(f"done in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def _wait_evaluation(client: Client, training_id: str, on_done: Any, timeout_s: float = 1800) -> dict[str, Any]:
+    """The training once both of its evaluations (base model, adapter) have ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        training = client.get(f"/v1/trainings/{training_id}")
+        evaluation = training.get("evaluation") or {}
+        entries = [evaluation.get(k) for k in ("base", "adapter")]
+        ended = [e for e in entries if e and e["status"] in ("succeeded", "failed", "cancelled")]
+        on_done(len(ended))
+        if len(ended) == 2 or time.monotonic() > deadline:
+            return training
+        time.sleep(0.5)
+
+
+def accuracy_table(base: dict[str, Any], adapter: dict[str, Any], num: int) -> list[str]:
+    """Base model vs adapter, side by side: single-image, each format, the average over formats, confusion."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f} %"
+
+    rows = [("single-image", base["single_image"]["accuracy"], adapter["single_image"]["accuracy"])]
+    for fmt, entry in base["multi_image"]["per_format"].items():
+        rows.append((fmt, entry["accuracy"], adapter["multi_image"]["per_format"].get(fmt, {}).get("accuracy")))
+    rows.append(("multi-image (avg)", base["multi_image"]["format_average"], adapter["multi_image"]["format_average"]))
+    rows.append(("confused image", base["multi_image"]["confused_rate"], adapter["multi_image"]["confused_rate"]))
+    lines = [f"held-out accuracy ({num} multi-image prompts and their samples alone)", f"{'':<20}{'base':>10}{'adapter':>10}"]
+    lines += [f"{name:<20}{pct(b):>10}{pct(a):>10}" for name, b, a in rows]
+    return lines
 
 
 def _pairs_per_format(client: Client, pairset_id: str) -> Counter[str]:
