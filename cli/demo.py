@@ -33,15 +33,15 @@ from core.errors import FatalError
 DEMO_SAMPLES = 48  # images of the training dataset and of the held-out one
 PAIRSET_REQUEST: dict[str, Any] = {
     "model": "shapes-llava",
-    "augmentation": {"num": 96},
+    "augmentation": {"num": 64},
     "generation": {"max_new_tokens": 12, "batch_size": 16},
-    "shard_size": 48,
+    "shard_size": 32,
     "seed": 0,
     "train": {
         "hyperparameters": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4, "num_epochs": 2, "per_device_batch_size": 8},
         "checkpoint_every": 100,
         # filled in with the held-out dataset's id
-        "evaluation": {"num": 48, "max_new_tokens": 12, "batch_size": 16, "seed": 0},
+        "evaluation": {"num": 40, "max_new_tokens": 12, "batch_size": 16, "seed": 0},
     },
 }
 
