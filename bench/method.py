@@ -102,15 +102,15 @@ def _pct(value: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-llava")
+    parser.add_argument("--model", default="shapes-llava", help="A built-in model, or a model folder.")
     parser.add_argument("--small", action="store_true", help="A smoke run: a handful of prompts, a few steps.")
     parser.add_argument("--train-samples", type=int, default=600, help="Images of the training dataset.")
     parser.add_argument("--eval-samples", type=int, default=300, help="Images of the held-out dataset.")
     parser.add_argument("--pairs", type=int, default=600, help="Prompts the pipeline answers to make pairs.")
     parser.add_argument("--eval", type=int, default=240, help="Held-out multi-image prompts (each sample is also asked alone).")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="Answers are one word (' triangle</s>' is 10 tokens).")
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--nll-weight", type=float, default=0.1)
@@ -131,7 +131,12 @@ def main() -> int:
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="miadpo-method-") as tmp:
         root = Path(tmp)
-        settings = Settings(data_dir=root / "data")
+        # --model may name a model folder (e.g. a fresh scripts/train_shapes_model.py --out): its parent is
+        # the operator's models dir, its name the model.
+        model_path = Path(args.model)
+        if model_path.is_dir():
+            args.model = model_path.name
+        settings = Settings(data_dir=root / "data", models_dir=model_path.parent if model_path.is_dir() else None)
         store = ArtifactStore(root / "store")
         load = store_loader(store)
         train_samples = _dataset(root, store, "train", args.train_samples, seed=101)
