@@ -320,9 +320,10 @@ class Selection(_Request):
         None, description="Overrides of the preset's thresholds by format then image count, e.g. {\"grid\": {\"9\": 0.35}}."
     )
     attention_rows: Literal["answer_tokens", "producing"] = Field(
-        "answer_tokens",
-        description="Which query rows make the attention ratio: the rows at the answer's tokens (the official code's) "
-        "or the rows producing them.",
+        "producing",
+        description="Which query rows make the attention ratio: the rows producing the answer's tokens (the `paper` "
+        "preset's: they separate wrong-image answers better, docs/fidelity.md) or the rows at them (the official "
+        "code's, the `official_code` preset's).",
     )
     comparison: dict[AugmentFormat, Comparison] = Field(
         default_factory=_all_at_most,

@@ -55,8 +55,8 @@ class SelectionConfig:
         metadata={"help": "Overrides by format then image count, e.g. {'grid': {9: 0.35}}."},
     )
     attention_rows: str = field(
-        default="answer_tokens",
-        metadata={"help": "answer_tokens: the rows at the answer's tokens (official code); producing: the rows producing them."},
+        default="producing",
+        metadata={"help": "producing: the rows producing the answer's tokens (default, docs/fidelity.md); answer_tokens: the rows at them (official code)."},
     )
     comparison: Mapping[str, str] = field(
         default_factory=lambda: dict.fromkeys(FORMATS, "<="),

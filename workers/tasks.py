@@ -173,7 +173,7 @@ def pipeline_config(request: dict[str, Any], settings: Settings) -> PipelineConf
             selection=SelectionConfig(
                 preset=preset,
                 thresholds=thresholds,
-                attention_rows=sel.get("attention_rows", "answer_tokens"),
+                attention_rows=sel.get("attention_rows", "producing"),
                 comparison=sel.get("comparison") or {},
                 perplexity_gate=sel.get("perplexity_gate"),
             ),

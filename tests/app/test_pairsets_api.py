@@ -52,7 +52,7 @@ def test_create_fills_defaults_records_queued_and_calls_the_hook(client: TestCli
         "backend": None, "endpoint": None, "noise": {},
     }  # fmt: skip
     assert config["selection"] == {
-        "thresholds": None, "attention_rows": "answer_tokens", "perplexity_gate": None,
+        "thresholds": None, "attention_rows": "producing", "perplexity_gate": None,
         "comparison": {"sequence": "<=", "grid": "<=", "pic_in_pic": "<="},
     }  # fmt: skip
     assert config["post_selection"] == {"k": 1.5, "perplexity": True, "length_ratio": True, "edit_distance": True}
