@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Two xdist workers (each with its own redis-server) and a random order (pytest-randomly prints its seed);
-# tests that share one costly stack are marked with an xdist_group, which loadgroup keeps on one worker.
+# each file's tests run on one worker (loadfile), so a module's stack or model fixture is built once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(VENV)/bin/miadpo demo

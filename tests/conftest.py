@@ -17,14 +17,11 @@ from redis import Redis
 
 from cli.services import free_port
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `-n 2 --dist loadgroup` keep each file's tests on one xdist worker (unless a test names its own
-    group), so a module's stack or model fixture is built once, not once per worker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+# `make test` runs two xdist workers on two cores: one math thread per process (and per service it starts,
+# which inherit the environment), or OpenMP threads spin against each other and the suite takes half again longer.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 REDIS_INSTALL = "apt-get install -y redis-server"
 BROWSER_INSTALL = "apt-get install -y chromium chromium-driver"
