@@ -147,6 +147,10 @@ def test_a_worker_and_the_trainer_started_while_redis_is_down_pick_work_up_once_
     # Enqueued before the outage: with AOF they are still there after it.
     jobs.enqueue(conn, settings, jobs.CPU, "os.getpid", job_id="for-the-worker", timeout=60)
     jobs.enqueue(conn, settings, jobs.TRAIN, "os.getpid", job_id="for-the-trainer", timeout=60)
+    # AOF is fsynced every second (as in compose): kill only once both jobs are on disk, the outage this test
+    # is about, not the last second's writes that everysec may lose.
+    wait_for(lambda: all(any(j in f.read_bytes() for f in own_redis.data_dir.rglob("*.aof*") if f.is_file())
+                         for j in (b"for-the-worker", b"for-the-trainer")), 10, "the jobs to reach the AOF")
     own_redis.kill()
 
     env = service_env(tmp_path, own_redis.url, **OUTAGE)
